@@ -1,0 +1,350 @@
+"""Documents, then tokens, then blocks.
+
+Raw records become documents (one text each); documents are split into train and validation by a hash of
+their text; documents are tokenized with EOS appended and packed into blocks of `block_size`. The same
+functions serve the in-memory and the streaming paths.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from clmlab.cli import UsageError
+
+FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLITS = ("train", "validation")
+
+
+# --------------------------------------------------------------------------------------------------- documents
+
+
+def resolve_files(patterns: Sequence[str], flag: str) -> list[str]:
+    """Expand globs; every pattern must match. Sorted, so the order files are named in changes nothing."""
+    files: set[str] = set()
+    for pattern in patterns:
+        matches = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        if not matches:
+            raise UsageError(f"{flag} {pattern}: no such file; give existing files or globs that match files")
+        files.update(os.path.abspath(p) for p in matches)
+    return sorted(files)
+
+
+def file_format(files: Sequence[str], flag: str) -> str:
+    kinds = set()
+    for path in files:
+        kind = FILE_FORMATS.get(Path(path).suffix.lower())
+        if kind is None:
+            raise UsageError(f"{flag} {path}: unsupported file type; use .txt, .json, .jsonl or .parquet")
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise UsageError(f"{flag} mixes file types {sorted(kinds)}; give files of one type per split")
+    return kinds.pop()
+
+
+def _has_separator_line(path: str, separator: str, probe_bytes: int = 1 << 20) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return any(line.strip() == separator for line in handle.read(probe_bytes).splitlines())
+
+
+def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, separator: str) -> Iterator[dict]:
+    """Yield {"text": document} from text files, reading line by line so a multi-GB file never sits in memory.
+
+    `sources` holds (path, size, mtime) so that datasets' cache key changes when a file does.
+    """
+    for path, _size, _mtime in sources:
+        file_mode = mode
+        if mode == "auto":
+            file_mode = "separator" if _has_separator_line(path, separator) else "paragraph"
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            if file_mode == "file":
+                text = handle.read().strip()
+                if text:
+                    yield {"text": text}
+                continue
+            lines: list[str] = []
+            for line in handle:
+                stripped = line.strip()
+                if file_mode == "line":
+                    ends_document, keep = True, bool(stripped)
+                elif file_mode == "separator":
+                    ends_document, keep = stripped == separator, stripped != separator
+                else:  # paragraph
+                    ends_document, keep = not stripped, bool(stripped)
+                if keep:
+                    lines.append(line.rstrip("\n"))
+                if ends_document:
+                    text = "\n".join(lines).strip()
+                    if text:
+                        yield {"text": text}
+                    lines = []
+            text = "\n".join(lines).strip()
+            if text:
+                yield {"text": text}
+
+
+def _text_file_documents(files: list[str], mode: str, separator: str, streaming: bool):
+    sources = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files]
+    gen_kwargs = {"sources": sources, "mode": mode, "separator": separator}
+    features = datasets.Features({"text": datasets.Value("string")})
+    if streaming:
+        return datasets.IterableDataset.from_generator(iter_text_documents, features=features, gen_kwargs=gen_kwargs)
+    return datasets.Dataset.from_generator(iter_text_documents, features=features, gen_kwargs=gen_kwargs)
+
+
+def _column_names(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)).keys())  # a stream whose features are not declared
+
+
+def _select_text(dataset, text_column: str, where: str):
+    columns = _column_names(dataset)
+    if text_column not in columns:
+        raise UsageError(f"{where} has no column {text_column!r}; its columns are {columns}: pass one with --text_column")
+    dataset = dataset.select_columns([text_column])
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    return dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+
+
+def _load_named_dataset(name: str, config: str | None, streaming: bool):
+    saved = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
+    try:
+        if saved:
+            loaded = datasets.load_from_disk(name)
+            if streaming:
+                loaded = (
+                    datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+                    if isinstance(loaded, datasets.DatasetDict)
+                    else loaded.to_iterable_dataset()
+                )
+        else:
+            loaded = datasets.load_dataset(name, config, streaming=streaming)
+    except Exception as error:  # datasets raises many types here (offline, not found, bad config)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"could not load dataset {name!r}: {first}") from None
+    if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        loaded = {"train": loaded}
+    if "train" not in loaded:
+        raise UsageError(f"dataset {name!r} has no 'train' split; its splits are {sorted(loaded)}")
+    return loaded
+
+
+@dataclass(frozen=True)
+class DocumentSplit:
+    """Assigns each document to validation by a hash of its text.
+
+    No document can be in both splits (identical texts hash alike), and the split does not depend on the
+    order the documents come in.
+    """
+
+    validation_percentage: float
+
+    def is_validation(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % 10_000 < round(self.validation_percentage * 100)
+
+    def train_mask(self, batch: dict) -> list[bool]:
+        return [not self.is_validation(text) for text in batch["text"]]
+
+    def validation_mask(self, batch: dict) -> list[bool]:
+        return [self.is_validation(text) for text in batch["text"]]
+
+
+def builtin_documents() -> list[str]:
+    """The English documentation text CPython ships (pydoc_data.topics): real prose, no download."""
+    from pydoc_data.topics import topics
+
+    return [topics[name].strip() for name in sorted(topics)]
+
+
+def load_documents(data_args, streaming: bool = False) -> dict:
+    """Return {"train": ..., "validation": ...} datasets with a single "text" column, one document per row."""
+    if data_args.dataset_name and data_args.train_files:
+        raise UsageError("give either --dataset_name or --train_files, not both")
+    if data_args.validation_files and not data_args.train_files:
+        raise UsageError("--validation_files needs --train_files")
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise UsageError("--validation_split_percentage must be between 0 and 100 (exclusive)")
+
+    validation = None
+    if data_args.train_files:
+        splits = {"train": resolve_files(data_args.train_files, "--train_files")}
+        if data_args.validation_files:
+            splits["validation"] = resolve_files(data_args.validation_files, "--validation_files")
+        loaded = {}
+        for split, files in splits.items():
+            flag = f"--{split}_files"
+            kind = file_format(files, flag)
+            if kind == "text":
+                loaded[split] = _text_file_documents(files, data_args.text_documents, data_args.document_separator, streaming)
+            else:
+                raw = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+                loaded[split] = _select_text(raw, data_args.text_column, f"{flag} {files[0]}")
+        train, validation = loaded["train"], loaded.get("validation")
+    elif data_args.dataset_name:
+        loaded = _load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming)
+        where = f"dataset {data_args.dataset_name!r}"
+        train = _select_text(loaded["train"], data_args.text_column, where)
+        if "validation" in loaded:
+            validation = _select_text(loaded["validation"], data_args.text_column, where)
+    else:
+        texts = builtin_documents()
+        train = datasets.Dataset.from_dict({"text": texts})
+        if streaming:
+            train = train.to_iterable_dataset()
+
+    if validation is None:
+        split = DocumentSplit(data_args.validation_split_percentage)
+        train, validation = (
+            train.filter(split.train_mask, batched=True),
+            train.filter(split.validation_mask, batched=True),
+        )
+    return {"train": train, "validation": validation}
+
+
+def describe_sources(data_args) -> list[dict]:
+    """What a run read, for run_info.json."""
+    if data_args.train_files:
+        described = []
+        for flag, patterns in (("train_files", data_args.train_files), ("validation_files", data_args.validation_files)):
+            for path in resolve_files(patterns or [], f"--{flag}"):
+                described.append({"split": flag.split("_")[0], "path": path, "bytes": os.path.getsize(path)})
+        return described
+    if data_args.dataset_name:
+        return [{"dataset_name": data_args.dataset_name, "config": data_args.dataset_config_name}]
+    return [{"builtin": "pydoc_data.topics", "python": ".".join(map(str, os.sys.version_info[:3]))}]
+
+
+# --------------------------------------------------------------------------------------------------- tokens
+
+
+def tokenize_documents(documents, tokenizer, num_proc: int | None = None):
+    """Tokenize each document and append EOS, so packed blocks keep document boundaries visible to the model."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        # verbose=False: documents longer than the model's context are expected; packing cuts them.
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    kwargs = {"batched": True, "remove_columns": ["text"]}
+    if isinstance(documents, datasets.Dataset):
+        kwargs.update(num_proc=num_proc, desc="Tokenizing documents")
+    return documents.map(tokenize, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- blocks
+
+
+def pack_documents(token_docs: Iterable[Sequence[int]], block_size: int) -> Iterator[list[int]]:
+    """Concatenate tokenized documents and cut them into full blocks, carrying each remainder into the next
+    block: no token is lost but the final remainder."""
+    buffer: list[int] = []
+    for ids in token_docs:
+        buffer.extend(ids)
+        start = 0
+        while len(buffer) - start >= block_size:
+            yield buffer[start : start + block_size]
+            start += block_size
+        del buffer[:start]
+
+
+def flat_tokens(tokenized: datasets.Dataset) -> np.ndarray:
+    """All tokens of a tokenized dataset, in order, as one array read straight from the Arrow cache."""
+    column = tokenized.with_format("arrow")[:]["input_ids"]
+    if column.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([chunk.flatten().to_numpy() for chunk in column.chunks])
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """Fixed-size blocks over one flat token array (nanoGPT's layout).
+
+    The same blocks as `pack_documents` makes (a test holds them equal), cut with numpy instead of a Python
+    loop over every token, which matters for corpora of hundreds of millions of tokens.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None):
+        n_blocks = len(tokens) // block_size
+        if max_blocks is not None:
+            n_blocks = min(n_blocks, max_blocks)
+        self.blocks = tokens[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        # Labels are the inputs; the model shifts them. Not DataCollatorForLanguageModeling: with GPT-2's
+        # pad token set to EOS it would mask every EOS out of the loss.
+        ids = torch.as_tensor(self.blocks[index], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Blocks packed on the fly from a stream of tokenized documents."""
+
+    def __init__(self, token_docs: datasets.IterableDataset, block_size: int):
+        self.token_docs = token_docs
+        self.block_size = block_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.token_docs.set_epoch(epoch)  # a new shuffle order when the stream restarts
+
+    def __iter__(self):
+        for block in pack_documents((doc["input_ids"] for doc in self.token_docs), self.block_size):
+            ids = torch.tensor(block, dtype=torch.long)
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+
+@dataclass
+class LanguageModelingData:
+    train: torch.utils.data.Dataset
+    validation: PackedBlocks
+    stats: dict  # documents, tokens and blocks per split, for run_info.json
+
+
+def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, seed: int) -> LanguageModelingData:
+    """Tokenize and pack both splits. Validation is always finite and fixed: the first --max_eval_samples blocks."""
+    stats: dict = {}
+    validation_tokens = tokenize_documents(documents["validation"], tokenizer, data_args.preprocessing_num_workers)
+    if isinstance(validation_tokens, datasets.Dataset):
+        tokens = flat_tokens(validation_tokens)
+        validation = PackedBlocks(tokens, block_size, data_args.max_eval_samples)
+        stats["validation"] = {"documents": len(validation_tokens), "tokens": int(len(tokens))}
+    else:
+        # A stream has no end to count from: keep the leading blocks, 1000 unless told otherwise.
+        limit = data_args.max_eval_samples or 1000
+        blocks = itertools.islice(pack_documents((d["input_ids"] for d in validation_tokens), block_size), limit)
+        validation = PackedBlocks(np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64), block_size)
+        stats["validation"] = {"documents": None, "tokens": None}
+    stats["validation"]["blocks"] = len(validation)
+
+    if data_args.streaming:
+        stream = documents["train"].shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+        train = PackedStream(tokenize_documents(stream, tokenizer), block_size)
+        stats["train"] = {"documents": None, "tokens": None, "blocks": None, "streaming": True}
+    else:
+        train_tokens = tokenize_documents(documents["train"], tokenizer, data_args.preprocessing_num_workers)
+        tokens = flat_tokens(train_tokens)
+        train = PackedBlocks(tokens, block_size)
+        stats["train"] = {"documents": len(train_tokens), "tokens": int(len(tokens)), "blocks": len(train)}
+        stats["fingerprint"] = {"train": train_tokens._fingerprint, "validation": validation_tokens._fingerprint}
+    if len(validation) == 0:
+        raise UsageError(
+            f"the validation split holds fewer than block_size={block_size} tokens; raise "
+            "--validation_split_percentage, give more --validation_files, or lower --block_size"
+        )
+    if stats["train"].get("blocks") == 0:
+        raise UsageError(f"the training split holds fewer than block_size={block_size} tokens; give more data or lower --block_size")
+    return LanguageModelingData(train, validation, stats)

@@ -1,0 +1,150 @@
+"""What every training script does around the Trainer: budgets, the output directory, run records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from clmlab.cli import UsageError
+
+ARGS_FILE = "run_args.json"
+INFO_FILE = "run_info.json"
+# Arguments that change where a run writes or how it reports, not what it computes: a re-run that differs
+# only in these resumes the same run.
+NOT_RUN_DEFINING = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "run_name", "report_to",
+    "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "local_rank", "logging_first_step",
+    "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
+}
+PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "evaluate", "wandb", "numpy")
+
+
+# --------------------------------------------------------------------------------------------------- budget
+
+
+def tokens_per_step(block_size: int, per_device_batch: int, accumulation: int, world_size: int) -> int:
+    return block_size * per_device_batch * accumulation * world_size
+
+
+def steps_for_token_budget(max_train_tokens: int, step_tokens: int) -> int:
+    """The fewest optimizer steps that see at least `max_train_tokens` tokens."""
+    if max_train_tokens <= 0:
+        raise UsageError(f"--max_train_tokens must be positive, not {max_train_tokens}")
+    return math.ceil(max_train_tokens / step_tokens)
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def resolved_arguments(*arg_objects) -> dict:
+    resolved = {}
+    for obj in arg_objects:
+        values = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        resolved[type(obj).__name__] = json.loads(json.dumps(values, default=str))
+    return resolved
+
+
+def _run_defining(resolved: dict) -> dict:
+    return {f"{group}.{k}": v for group, values in resolved.items() for k, v in values.items() if k not in NOT_RUN_DEFINING}
+
+
+def prepare_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str | None, overwrite: bool) -> str | None:
+    """Decide what to do with the output directory before any heavy work; return the checkpoint to resume.
+
+    The same command re-run resumes from the last complete checkpoint; a directory holding anything else is
+    refused unless --overwrite_output_dir, so no finished run is lost by accident. Nothing is written here.
+    """
+    policy = (resume_from_checkpoint or "no").strip()
+    explicit = policy.lower() not in ("auto", "no", "none", "false")
+    if explicit and not os.path.isfile(os.path.join(policy, "trainer_state.json")):
+        raise UsageError(f"--resume_from_checkpoint {policy} is not a complete checkpoint (it has no trainer_state.json)")
+    out = Path(output_dir)
+    if not out.exists() or not any(out.iterdir()):
+        return policy if explicit else None
+    if overwrite:
+        return policy if explicit else None
+    if explicit:
+        return policy
+    saved = out / ARGS_FILE
+    if not saved.is_file():
+        raise UsageError(f"--output_dir {output_dir} is not empty and holds no clmlab run; choose another --output_dir or pass --overwrite_output_dir")
+    before, now = _run_defining(json.loads(saved.read_text())), _run_defining(resolved)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k.split('.', 1)[1]}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UsageError(
+            f"--output_dir {output_dir} holds a different run ({shown}{more}); choose another --output_dir, "
+            "pass --overwrite_output_dir to replace it, or --resume_from_checkpoint PATH to continue from one of its checkpoints"
+        )
+    if policy.lower() == "auto":
+        return last_complete_checkpoint(output_dir)
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json exists: the Trainer writes that file last, so a
+    checkpoint cut short by preemption is skipped."""
+    steps = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            steps.append((int(suffix), str(path)))
+    return max(steps)[1] if steps else None
+
+
+def clear_output_dir(output_dir: str) -> None:
+    """For --overwrite_output_dir: a replaced run leaves no checkpoint behind for a later run to resume."""
+    out = Path(output_dir)
+    if out.exists():
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+# --------------------------------------------------------------------------------------------------- run records
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(path: str | Path = Path(__file__).resolve().parent) -> dict:
+    """The commit of the clmlab code that ran, and whether it had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        return {"commit": head.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write through a temporary file, so a killed run never leaves half a JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

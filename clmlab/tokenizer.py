@@ -1,0 +1,99 @@
+"""Tokenizers: load one, or train a byte-level BPE on the training documents.
+
+Also a command of its own:
+    python -m clmlab.tokenizer --train_files data/*.txt --vocab_size 8192 --output_dir tok/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from clmlab.cli import UsageError
+
+EOS = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE (any byte sequence encodes, no unknown token) with <|endoftext|> as
+    BOS and EOS and, as in GPT-2, no padding token: packed blocks need none."""
+    if vocab_size < 257:
+        raise UsageError(f"--tokenizer_vocab_size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + EOS)")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS)
+
+
+def load_tokenizer(name_or_path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as error:  # OSError offline or not found, ValueError for a folder with no tokenizer
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"could not load tokenizer {name_or_path!r}: {first}") from None
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"tokenizer {name_or_path!r} has no EOS token; clmlab joins documents with EOS")
+    return tokenizer
+
+
+def training_texts(train_documents, max_documents: int | None = None) -> Iterable[list[str]]:
+    """Batches of training-document texts for the BPE trainer (batches: far fewer Python-Rust crossings)."""
+    import itertools
+
+    texts = (doc["text"] for doc in train_documents)
+    if max_documents is not None:
+        texts = itertools.islice(texts, max_documents)
+    while batch := list(itertools.islice(texts, 1000)):
+        yield batch
+
+
+def tokenizer_for_run(model_args, data_args, documents: dict):
+    """--tokenizer_name, else the checkpoint's own, else a BPE trained on the training split only (held-out
+    documents stay unseen)."""
+    if model_args.tokenizer_name:
+        return load_tokenizer(model_args.tokenizer_name)
+    if model_args.model_name_or_path:
+        return load_tokenizer(model_args.model_name_or_path)
+    limit = data_args.tokenizer_train_documents if data_args.streaming else None
+    return train_bpe_tokenizer(training_texts(documents["train"], limit), model_args.tokenizer_vocab_size)
+
+
+@dataclass
+class TokenizerArguments:
+    output_dir: str = field(metadata={"help": "Folder to save the tokenizer in (loadable with AutoTokenizer)."})
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size, <|endoftext|> included."})
+
+
+def main(argv=None) -> None:
+    """Train on the same training split run_clm.py would, so both give the same tokenizer for the same data."""
+    import os
+
+    from clmlab.args import DataArguments
+    from clmlab.cli import parse_args
+    from clmlab.data import load_documents
+
+    data_args, tok_args = parse_args([DataArguments, TokenizerArguments], argv, prog="python -m clmlab.tokenizer")
+    if os.path.isdir(tok_args.output_dir) and os.listdir(tok_args.output_dir):
+        raise UsageError(f"--output_dir {tok_args.output_dir} is not empty; choose a new folder")
+    documents = load_documents(data_args, streaming=data_args.streaming)
+    limit = data_args.tokenizer_train_documents if data_args.streaming else None
+    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], limit), tok_args.vocab_size)
+    tokenizer.save_pretrained(tok_args.output_dir)
+    print(f"Saved a byte-level BPE tokenizer of {len(tokenizer)} tokens to {tok_args.output_dir}")
+
+
+if __name__ == "__main__":
+    from clmlab.cli import exits_on_usage_error
+
+    exits_on_usage_error(main)()

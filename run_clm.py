@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Pretrain a GPT-2 of any shape on any dataset, or continue training a checkpoint.
+
+    python run_clm.py                                      # the built-in quickstart, no download
+    python run_clm.py configs/experiments/tinyshakespeare.yaml --max_steps 100
+    accelerate launch run_clm.py --dataset_name roneneldan/TinyStories \\
+        --config_overrides n_embd=256,n_layer=6,n_head=8,n_positions=512 --max_train_tokens 200_000_000
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import transformers
+from transformers import Trainer, default_data_collator
+
+from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
+from callbacks.loss_plot import PLOT_FILE
+from clmlab import data, modeling, run
+from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
+from clmlab.cli import UsageError, exits_on_usage_error, parse_args
+from clmlab.tokenizer import tokenizer_for_run
+
+QUICKSTART = Path(__file__).resolve().parent / "configs" / "experiments" / "quickstart.yaml"
+logger = logging.getLogger("run_clm")
+
+
+@exits_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(f"No arguments given: running the built-in quickstart ({QUICKSTART.relative_to(QUICKSTART.parents[2])}).")
+        argv = [str(QUICKSTART)]
+    model_args, data_args, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], argv, prog="run_clm.py")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(min(args.get_process_log_level(), logging.WARNING))
+    started = time.time()
+
+    # 1. Everything that can be checked without reading data, before anything is written.
+    if args.max_train_tokens and args.max_steps > 0:
+        raise UsageError("give --max_steps or --max_train_tokens, not both")
+    if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
+        raise UsageError("--streaming has no length to count epochs by; give --max_steps or --max_train_tokens")
+    config = modeling.build_config(model_args)
+    block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
+    modeling.check_shape(config, block_size)
+    resolved = run.resolved_arguments(model_args, data_args, args)
+    resume_from = run.prepare_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+
+    # 2. Documents, tokenizer, model (seeded before any token is made), blocks.
+    with args.main_process_first(desc="reading documents"):
+        documents = data.load_documents(data_args, streaming=data_args.streaming)
+    tokenizer = tokenizer_for_run(model_args, data_args, documents)
+    modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path)
+    model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
+    initial_checksum = modeling.weights_checksum(model)
+    with args.main_process_first(desc="tokenizing and packing"):
+        lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed)
+
+    # 3. The budget: runs on different data stop at the same step, having seen the same number of tokens.
+    step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+    if args.max_train_tokens:
+        args.max_steps = run.steps_for_token_budget(args.max_train_tokens, step_tokens)
+        logger.info(f"--max_train_tokens {args.max_train_tokens:,} = {args.max_steps:,} steps of {step_tokens:,} tokens "
+                    f"(block {block_size} x batch {args.per_device_train_batch_size} x accumulation "
+                    f"{args.gradient_accumulation_steps} x world {args.world_size})")
+
+    # 4. Train.
+    if args.overwrite_output_dir and args.should_save:
+        run.clear_output_dir(args.output_dir)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
+                      processing_class=tokenizer, data_collator=default_data_collator)
+    add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
+    n_params = modeling.parameter_count(model)
+    trainer.add_callback(LossPlotCallback(f"{describe_data(data_args)} - GPT-2 {n_params / 1e6:.2f}M params"))
+    out = Path(args.output_dir)
+    info = {
+        "status": "running", "command": run.command_line(), "arguments": resolved, "versions": run.package_versions(),
+        "git": run.git_commit(), "resumed_from": resume_from,
+        "data": {"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
+        "model": {"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict()},
+        "budget": {"max_steps": args.max_steps, "tokens_per_step": step_tokens,
+                   "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None},
+    }
+    if trainer.is_world_process_zero():
+        run.write_json(out / run.ARGS_FILE, resolved)
+        run.write_json(out / run.INFO_FILE, info)
+        tokenizer.save_pretrained(out)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        info.update(status="finished", wall_seconds=round(time.time() - started, 1), final_metrics=metrics,
+                    tokens_seen=trainer.state.num_input_tokens_seen)
+        run.write_json(out / run.INFO_FILE, info)
+        print(f"\nFinal eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f}) "
+              f"after {trainer.state.global_step} steps, {trainer.state.num_input_tokens_seen:,} tokens.")
+        print(f"Checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained or transformers.pipeline)")
+        print(f"Loss plot:  {out / PLOT_FILE}")
+        print(f"Run record: {out / run.INFO_FILE}")
+    return metrics
+
+
+def describe_data(data_args) -> str:
+    if data_args.dataset_name:
+        return data_args.dataset_name
+    if data_args.train_files:
+        names = [Path(p).name for p in data_args.train_files]
+        return ", ".join(names[:2]) + (" ..." if len(names) > 2 else "")
+    return "Python docs (pydoc_data)"
+
+
+if __name__ == "__main__":
+    main()
