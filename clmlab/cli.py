@@ -78,6 +78,6 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     except ValueError as error:
         if "not used by the HfArgumentParser" in str(error):
             leftover = str(error).split(":", 1)[1].strip()
-            raise UsageError(f"unexpected arguments {leftover}: flags start with '--' and a YAML file must come first") from None
+            raise UsageError(f"unrecognized arguments {leftover} (see `{parser.prog} --help`; a YAML file must come first)") from None
         # TrainingArguments.__post_init__ rejects inconsistent combinations with a ValueError.
         raise UsageError(str(error).strip().splitlines()[0]) from None

@@ -1,0 +1,135 @@
+"""Documents, the document split, tokenization and packing."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from clmlab.args import DataArguments
+from clmlab.cli import UsageError
+from clmlab.data import (
+    DocumentSplit,
+    PackedBlocks,
+    build_lm_datasets,
+    flat_tokens,
+    iter_text_documents,
+    load_documents,
+    pack_documents,
+    tokenize_documents,
+)
+
+
+def documents_of(path, mode="auto", separator="<|endoftext|>"):
+    return [d["text"] for d in iter_text_documents([(str(path), 0, 0)], mode, separator)]
+
+
+def test_separator_lines_make_one_document_per_story(tinystories):
+    stories = documents_of(tinystories)
+    assert len(stories) == 1979  # the data pack's README counts 1,979 stories
+    assert stories[0].startswith("Once upon a time, in a big forest, there lived a rhinoceros named Roxy.")
+    assert not any("<|endoftext|>" in s for s in stories)
+
+
+def test_text_document_modes(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("a b\nc\n\n\nd\n \ne f\n")
+    assert documents_of(path, "paragraph") == ["a b\nc", "d", "e f"]
+    assert documents_of(path, "line") == ["a b", "c", "d", "e f"]
+    assert documents_of(path, "file") == ["a b\nc\n\n\nd\n \ne f"]
+    assert documents_of(path, "auto") == documents_of(path, "paragraph")  # no separator lines in the file
+
+
+def test_document_split_is_leak_free_and_order_stable(tinystories):
+    stories = documents_of(tinystories)
+    split = DocumentSplit(10.0)
+    validation = {s for s in stories if split.is_validation(s)}
+    train = {s for s in stories if not split.is_validation(s)}
+    assert not validation & train
+    assert 0.07 < len(validation) / len(stories) < 0.13
+    shuffled = stories[:]
+    random.Random(0).shuffle(shuffled)
+    assert {s for s in shuffled if split.is_validation(s)} == validation
+
+
+def test_split_does_not_change_when_files_are_reordered(tmp_path, tinystories):
+    stories = documents_of(tinystories)[:400]
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories[:200]))
+    second.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories[200:]))
+    splits = []
+    for order in ([str(first), str(second)], [str(second), str(first)]):
+        docs = load_documents(DataArguments(train_files=order, validation_split_percentage=20))
+        splits.append({name: sorted(docs[name]["text"]) for name in ("train", "validation")})
+    assert splits[0] == splits[1]
+    assert not set(splits[0]["train"]) & set(splits[0]["validation"])
+    assert len(splits[0]["train"]) + len(splits[0]["validation"]) == 400
+
+
+def test_duplicate_documents_land_in_the_same_split(tmp_path):
+    path = tmp_path / "dup.txt"
+    texts = [f"document number {i}" for i in range(200)]
+    path.write_text("\n\n".join(texts + texts))
+    docs = load_documents(DataArguments(train_files=[str(path)], validation_split_percentage=30))
+    assert not set(docs["train"]["text"]) & set(docs["validation"]["text"])
+    assert len(docs["validation"]) % 2 == 0 and len(docs["validation"]) > 0
+
+
+def test_pack_documents_puts_eos_between_documents_and_keeps_every_token_but_the_last_remainder():
+    eos = 0
+    docs = [[1, 2, eos], [3, eos], [4, 5, 6, 7, eos], [8, eos]]
+    blocks = list(pack_documents(docs, 3))
+    assert blocks == [[1, 2, eos], [3, eos, 4], [5, 6, 7], [eos, 8, eos]]
+    blocks = list(pack_documents(docs, 4))
+    flat = [t for d in docs for t in d]
+    assert all(len(b) == 4 for b in blocks)
+    assert [t for b in blocks for t in b] == flat[: len(flat) // 4 * 4]  # only the final remainder is lost
+
+
+def test_array_packing_equals_stream_packing():
+    rng = random.Random(1)
+    docs = [[rng.randrange(1, 100) for _ in range(rng.randrange(1, 40))] + [0] for _ in range(300)]
+    expected = list(pack_documents(docs, 16))
+    packed = PackedBlocks(np.concatenate([np.array(d) for d in docs]), 16)
+    assert packed.blocks.tolist() == expected
+    item = packed[3]
+    assert item["input_ids"].tolist() == expected[3] == item["labels"].tolist()
+    assert PackedBlocks(np.concatenate([np.array(d) for d in docs]), 16, max_blocks=5).blocks.tolist() == expected[:5]
+
+
+def test_tokenized_documents_end_with_eos(gpt2_tokenizer, tinystories):
+    docs = load_documents(DataArguments(train_files=[str(tinystories)]))
+    tokens = tokenize_documents(docs["validation"], gpt2_tokenizer)
+    eos = gpt2_tokenizer.eos_token_id
+    assert all(ids[-1] == eos and eos not in ids[:-1] for ids in tokens["input_ids"])
+    flat = flat_tokens(tokens)
+    assert len(flat) == sum(len(ids) for ids in tokens["input_ids"])
+    assert (flat == eos).sum() == len(docs["validation"])
+
+
+def test_validation_blocks_are_fixed_by_max_eval_samples(gpt2_tokenizer, shakespeare):
+    args = DataArguments(train_files=[str(shakespeare)], max_eval_samples=7)
+    first = build_lm_datasets(load_documents(args), gpt2_tokenizer, args, 64, seed=1)
+    second = build_lm_datasets(load_documents(args), gpt2_tokenizer, args, 64, seed=2)
+    assert len(first.validation) == 7
+    assert first.validation.blocks.tolist() == second.validation.blocks.tolist()
+    assert first.stats["train"]["tokens"] + first.stats["validation"]["tokens"] > 300_000
+
+
+def test_missing_text_column_names_the_columns(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"content": f"doc {i}", "id": i}) for i in range(5)))
+    with pytest.raises(UsageError, match=r"no column 'text'.*'content'.*--text_column"):
+        load_documents(DataArguments(train_files=[str(path)]))
+    docs = load_documents(DataArguments(train_files=[str(path)], text_column="content", validation_split_percentage=50))
+    assert sorted(list(docs["train"]["text"]) + list(docs["validation"]["text"])) == [f"doc {i}" for i in range(5)]
+
+
+def test_streaming_reads_the_same_documents(tinystories):
+    args = DataArguments(train_files=[str(tinystories)])
+    in_memory = load_documents(args)
+    streamed = load_documents(args, streaming=True)
+    assert [d["text"] for d in streamed["validation"]] == list(in_memory["validation"]["text"])
+    assert sum(1 for _ in streamed["train"]) == len(in_memory["train"])

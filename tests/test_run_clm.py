@@ -1,0 +1,196 @@
+"""run_clm.py end to end, on the shared data pack and tiny models (CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+TINY = [
+    "--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64",
+    "--block_size", "64", "--per_device_train_batch_size", "8", "--tokenizer_vocab_size", "512",
+    "--learning_rate", "3e-3", "--disable_tqdm", "true", "--seed", "3",
+]
+
+
+def run_clm(*args, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(REPO / "run_clm.py"), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"run_clm.py exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+def load_run_clm():
+    spec = importlib.util.spec_from_file_location("run_clm", REPO / "run_clm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def losses(output_dir) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    run_clm("--train_files", shakespeare, "--output_dir", out, "--max_steps", 80, "--eval_steps", 40,
+            "--max_eval_samples", 32, *TINY)
+    info = json.loads((out / "run_info.json").read_text())
+    evals = [e["eval_loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
+    assert evals[0] > 6.0  # about ln(512) at the start
+    assert info["final_metrics"]["eval_loss"] < evals[0] - 0.5
+    assert info["status"] == "finished" and info["tokens_seen"] == 80 * 8 * 64
+    assert info["data"]["validation"]["blocks"] == 32
+    assert info["data"]["train"]["tokens"] > 250_000 and info["data"]["train"]["documents"] > 6_000
+    assert info["model"]["config"]["vocab_size"] == 512 and len(info["model"]["initial_weights_sha256"]) == 64
+    assert info["versions"]["transformers"] and "ModelArguments" in info["arguments"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "run_args.json").is_file() and (out / "model.safetensors").is_file()
+    train_logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all(e["tokens_per_second"] > 0 and e["num_input_tokens_seen"] > 0 for e in train_logs)
+
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, shakespeare):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    common = ["--train_files", shakespeare, "--max_steps", 16, "--save_steps", 8, "--logging_steps", 1,
+              "--eval_on_start", "false", "--max_eval_samples", 8, *TINY]
+    run_clm(*common, "--output_dir", whole)
+    # The same run killed after checkpoint-8 was written: only that checkpoint and the run's records remain.
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-8", resumed / "checkpoint-8")
+    shutil.copy(whole / "run_args.json", resumed / "run_args.json")
+    done = run_clm(*common, "--output_dir", resumed)
+    assert "checkpoint-8" in json.loads((resumed / "run_info.json").read_text())["resumed_from"]
+    assert len(losses(whole)) == 16
+    assert losses(resumed) == losses(whole)  # steps 9..16 recomputed after the resume, to the last bit
+    assert done.returncode == 0
+
+
+def test_streaming_run(tmp_path, tinystories):
+    out = tmp_path / "stream"
+    run_clm("--train_files", tinystories, "--streaming", "true", "--max_train_tokens", 12 * 8 * 64,
+            "--max_eval_samples", 16, "--output_dir", out, "--eval_steps", 6, "--shuffle_buffer_size", 100, *TINY)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["budget"]["max_steps"] == 12 and info["tokens_seen"] == 12 * 8 * 64
+    assert info["data"]["train"]["streaming"] is True and info["data"]["validation"]["blocks"] == 16
+    evals = [e["eval_loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
+    assert len(evals) >= 3 and evals[-1] < evals[0]
+
+
+def test_yaml_config_with_a_flag_override(tmp_path, shakespeare):
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"train_files: [{shakespeare}]\nmax_steps: 500\nconfig_overrides: n_embd=32,n_layer=1,n_head=2,n_positions=64\n"
+                      f"block_size: 64\ntokenizer_vocab_size: 300\noutput_dir: {tmp_path / 'yaml_run'}\neval_on_start: false\n")
+    run_clm(config, "--max_steps", 3, "--disable_tqdm", "true")
+    info = json.loads((tmp_path / "yaml_run" / "run_info.json").read_text())
+    assert info["budget"]["max_steps"] == 3
+    assert info["arguments"]["ModelArguments"]["config_overrides"] == "n_embd=32,n_layer=1,n_head=2,n_positions=64"
+
+
+def test_runs_on_different_data_start_from_identical_weights(tmp_path, shakespeare, tinystories, tiny_gpt2):
+    checksums = []
+    for name, path in (("shakespeare", shakespeare), ("stories", tinystories)):
+        out = tmp_path / name
+        run_clm("--train_files", path, "--tokenizer_name", tiny_gpt2, "--output_dir", out, "--max_steps", 1,
+                "--eval_on_start", "false", "--max_eval_samples", 4, *TINY)
+        checksums.append(json.loads((out / "run_info.json").read_text())["model"]["initial_weights_sha256"])
+    assert checksums[0] == checksums[1]
+    other_seed = tmp_path / "seed4"
+    run_clm("--train_files", shakespeare, "--tokenizer_name", tiny_gpt2, "--output_dir", other_seed, "--max_steps", 1,
+            "--eval_on_start", "false", "--max_eval_samples", 4, *TINY, "--seed", 4)
+    assert json.loads((other_seed / "run_info.json").read_text())["model"]["initial_weights_sha256"] != checksums[0]
+
+
+def test_tokenizer_command_matches_the_tokenizer_a_run_trains(tmp_path, shakespeare):
+    from transformers import AutoTokenizer
+
+    from clmlab.tokenizer import main as tokenizer_main
+
+    run_dir = tmp_path / "run"
+    run_clm("--train_files", shakespeare, "--output_dir", run_dir, "--max_steps", 1, "--eval_on_start", "false",
+            "--max_eval_samples", 2, *TINY)
+    tokenizer_main(["--train_files", str(shakespeare), "--vocab_size", "512", "--output_dir", str(tmp_path / "tok")])
+    standalone, from_run = AutoTokenizer.from_pretrained(tmp_path / "tok"), AutoTokenizer.from_pretrained(run_dir)
+    assert len(standalone) == 512 and standalone.get_vocab() == from_run.get_vocab()
+    assert standalone.decode(standalone("O Romeo, Romeo!<|endoftext|>")["input_ids"]) == "O Romeo, Romeo!<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def wide_tokenizer(tmp_path, tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.add_tokens(["<|user|>", "<|assistant|>"])
+    tokenizer.save_pretrained(tmp_path / "wide_tokenizer")
+    return tmp_path / "wide_tokenizer"
+
+
+@pytest.fixture
+def content_jsonl(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"content": f"record {i}", "id": i}) + "\n" for i in range(20)))
+    return path
+
+
+BAD_INPUTS = {
+    "unknown override key": (["--config_overrides", "n_embed=64"], "valid keys: "),
+    "n_embd not divisible by n_head": (["--config_overrides", "n_embd=100,n_head=3"], "not divisible by n_head=3"),
+    "block_size above n_positions": (["--config_overrides", "n_positions=64", "--block_size", "128"], "above the model's n_positions=64"),
+    "tokenizer larger than the vocabulary": (["--model_name_or_path", "{tiny_gpt2}", "--tokenizer_name", "{wide_tokenizer}"], "50259 tokens"),
+    "missing text column": (["--train_files", "{content_jsonl}"], "its columns are ['content', 'id']"),
+    "streaming without a budget": (["--train_files", "{shakespeare}", "--streaming", "true"], "give --max_steps or --max_train_tokens"),
+    "missing file": (["--train_files", "no/such/file.txt"], "no such file"),
+    "overrides with a checkpoint": (["--model_name_or_path", "{tiny_gpt2}", "--config_overrides", "n_layer=2"], "drop it or drop --model_name_or_path"),
+    "unknown flag": (["--max_stepz", "5"], "unrecognized arguments"),
+    "both budgets": (["--max_steps", "5", "--max_train_tokens", "1000"], "not both"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(case, tmp_path, capsys, request):
+    argv, expected = BAD_INPUTS[case]
+    fixtures = {name: request.getfixturevalue(name) for name in ("tiny_gpt2", "wide_tokenizer", "content_jsonl", "shakespeare")
+                if any("{" + name + "}" in a for a in argv)}
+    out = tmp_path / "never_made"
+    argv = [a.format(**fixtures) for a in argv] + ["--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exited:
+        load_run_clm().main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = [line for line in err if line.startswith("error: ")]
+    assert len(message) == 1 and expected in message[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, shakespeare):
+    out = tmp_path / "kept"
+    common = ["--train_files", shakespeare, "--output_dir", out, "--eval_on_start", "false", "--max_eval_samples", 2, *TINY]
+    run_clm(*common, "--max_steps", 2)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    done = run_clm(*common, "--max_steps", 3, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
+    assert "Traceback" not in done.stderr and "max_steps: 2 -> 3" in done.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
