@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import transformers
 from transformers import Trainer, default_data_collator
 
 from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
@@ -35,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"No arguments given: running the built-in quickstart ({QUICKSTART.relative_to(QUICKSTART.parents[2])}).")
         argv = [str(QUICKSTART)]
     model_args, data_args, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], argv, prog="run_clm.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(min(args.get_process_log_level(), logging.WARNING))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if args.should_log else logging.WARNING)
     started = time.time()
 
     # 1. Everything that can be checked without reading data, before anything is written.
@@ -60,6 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     with args.main_process_first(desc="tokenizing and packing"):
         lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed)
 
+    n_params = modeling.parameter_count(model)
+    for split in ("train", "validation"):
+        logger.info(f"{split}: " + ", ".join(f"{v:,} {k}" for k, v in lm_data.stats[split].items() if isinstance(v, int) and k != "streaming"))
+    logger.info(f"model: {n_params:,} parameters, initial weights sha256 {initial_checksum[:16]}...")
+
     # 3. The budget: runs on different data stop at the same step, having seen the same number of tokens.
     step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
     if args.max_train_tokens:
@@ -74,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
                       processing_class=tokenizer, data_collator=default_data_collator)
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
-    n_params = modeling.parameter_count(model)
     trainer.add_callback(LossPlotCallback(f"{describe_data(data_args)} - GPT-2 {n_params / 1e6:.2f}M params"))
     out = Path(args.output_dir)
     info = {

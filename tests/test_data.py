@@ -133,3 +133,28 @@ def test_streaming_reads_the_same_documents(tinystories):
     streamed = load_documents(args, streaming=True)
     assert [d["text"] for d in streamed["validation"]] == list(in_memory["validation"]["text"])
     assert sum(1 for _ in streamed["train"]) == len(in_memory["train"])
+
+
+def test_validation_files_are_the_validation_set(tmp_path):
+    train, validation = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("first training story\n<|endoftext|>\nsecond training story\n<|endoftext|>\n")
+    validation.write_text("held-out story\n<|endoftext|>\n")
+    docs = load_documents(DataArguments(train_files=[str(train)], validation_files=[str(validation)]))
+    assert list(docs["train"]["text"]) == ["first training story", "second training story"]
+    assert list(docs["validation"]["text"]) == ["held-out story"]
+
+
+def test_local_dataset_folder_keeps_its_validation_split(tmp_path):
+    import datasets
+
+    saved = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"story": [f"train {i}" for i in range(30)], "n": list(range(30))}),
+        "validation": datasets.Dataset.from_dict({"story": ["valid 0", "valid 1"], "n": [0, 1]}),
+    })
+    saved.save_to_disk(tmp_path / "ds")
+    docs = load_documents(DataArguments(dataset_name=str(tmp_path / "ds"), text_column="story"))
+    assert len(docs["train"]) == 30 and list(docs["validation"]["text"]) == ["valid 0", "valid 1"]
+    streamed = load_documents(DataArguments(dataset_name=str(tmp_path / "ds"), text_column="story"), streaming=True)
+    assert [d["text"] for d in streamed["validation"]] == ["valid 0", "valid 1"]
+    with pytest.raises(UsageError, match=r"could not load dataset 'no-such/dataset-offline'"):
+        load_documents(DataArguments(dataset_name="no-such/dataset-offline"))
