@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     n_params = modeling.parameter_count(model)
     for split in ("train", "validation"):
-        logger.info(f"{split}: " + ", ".join(f"{v:,} {k}" for k, v in lm_data.stats[split].items() if isinstance(v, int) and k != "streaming"))
+        counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
+        logger.info(f"{split}: {', '.join(counts) or 'streamed, counted as it is read'}")
     logger.info(f"model: {n_params:,} parameters, initial weights sha256 {initial_checksum[:16]}...")
 
     # 3. The budget: runs on different data stop at the same step, having seen the same number of tokens.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -115,4 +116,8 @@ class ClmTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Launched with several ranks on a machine with no GPU: without use_cpu the Trainer quietly
+                # runs each rank as a separate single-process run instead of DDP over gloo.
+                self.use_cpu = True
         super().__post_init__()

@@ -81,7 +81,7 @@ def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, sepa
                 else:  # paragraph
                     ends_document, keep = not stripped, bool(stripped)
                 if keep:
-                    lines.append(line.rstrip("\n"))
+                    lines.append(line.rstrip("\r\n"))
                 if ends_document:
                     text = "\n".join(lines).strip()
                     if text:

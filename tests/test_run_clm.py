@@ -95,6 +95,24 @@ def test_streaming_run(tmp_path, tinystories):
     assert len(evals) >= 3 and evals[-1] < evals[0]
 
 
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_two_rank_ddp_run_splits_the_batches(tmp_path, tinystories, streaming):
+    """torchrun with two CPU ranks (gloo): half the steps for the same token budget, every token counted once."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run_clm.py"),
+         "--train_files", str(tinystories), "--streaming", streaming, "--max_train_tokens", str(16 * 8 * 64),
+         "--max_eval_samples", "8", "--eval_on_start", "false", "--ddp_find_unused_parameters", "false",
+         "--output_dir", str(out), *TINY],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["budget"] == {"max_steps": 8, "tokens_per_step": 2 * 8 * 64, "max_train_tokens": 16 * 8 * 64}
+    assert info["tokens_seen"] == 16 * 8 * 64
+    assert done.stdout.count("Final eval loss") == 1  # one report, from rank 0
+
+
 def test_yaml_config_with_a_flag_override(tmp_path, shakespeare):
     config = tmp_path / "exp.yaml"
     config.write_text(f"train_files: [{shakespeare}]\nmax_steps: 500\nconfig_overrides: n_embd=32,n_layer=1,n_head=2,n_positions=64\n"
@@ -117,6 +135,18 @@ def test_runs_on_different_data_start_from_identical_weights(tmp_path, shakespea
     run_clm("--train_files", shakespeare, "--tokenizer_name", tiny_gpt2, "--output_dir", other_seed, "--max_steps", 1,
             "--eval_on_start", "false", "--max_eval_samples", 4, *TINY, "--seed", 4)
     assert json.loads((other_seed / "run_info.json").read_text())["model"]["initial_weights_sha256"] != checksums[0]
+
+
+def test_a_second_run_on_the_same_data_does_not_tokenize_again(tmp_path, shakespeare):
+    data = tmp_path / "plays.txt"
+    data.write_text(shakespeare.read_text()[:200_000])  # a file of this test's own: no earlier test cached it
+    common = ["--train_files", data, "--max_steps", 1, "--eval_on_start", "false", "--max_eval_samples", 2, *TINY]
+    first = run_clm(*common, "--output_dir", tmp_path / "first")
+    second = run_clm(*common, "--output_dir", tmp_path / "second")
+    assert "Tokenizing documents" in first.stderr
+    assert "Tokenizing documents" not in second.stderr
+    infos = [json.loads((tmp_path / run / "run_info.json").read_text()) for run in ("first", "second")]
+    assert infos[0]["data"]["fingerprint"] == infos[1]["data"]["fingerprint"]
 
 
 def test_tokenizer_command_matches_the_tokenizer_a_run_trains(tmp_path, shakespeare):
