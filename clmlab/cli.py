@@ -17,6 +17,11 @@ class UsageError(Exception):
     """Bad input. The message says what is wrong and how to fix it; the scripts exit with status 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The gist of a library's exception, for a one-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def exits_on_usage_error(main: Callable) -> Callable:
     """Turn a UsageError into one line on stderr and exit status 2, with no traceback."""
 
@@ -44,8 +49,7 @@ def yaml_to_argv(path: str | Path, known: set[str]) -> list[str]:
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
-        first = str(error).splitlines()[0]
-        raise UsageError(f"config file {path} is not valid YAML ({first})") from None
+        raise UsageError(f"config file {path} is not valid YAML ({first_line(error)})") from None
     if config is None:
         return []
     if not isinstance(config, dict):
@@ -80,4 +84,4 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
             leftover = str(error).split(":", 1)[1].strip()
             raise UsageError(f"unrecognized arguments {leftover} (see `{parser.prog} --help`; a YAML file must come first)") from None
         # TrainingArguments.__post_init__ rejects inconsistent combinations with a ValueError.
-        raise UsageError(str(error).strip().splitlines()[0]) from None
+        raise UsageError(first_line(error)) from None

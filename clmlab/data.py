@@ -11,6 +11,7 @@ import glob
 import itertools
 import hashlib
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -19,7 +20,7 @@ import datasets
 import numpy as np
 import torch
 
-from clmlab.cli import UsageError
+from clmlab.cli import UsageError, first_line
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLITS = ("train", "validation")
@@ -131,8 +132,7 @@ def _load_named_dataset(name: str, config: str | None, streaming: bool):
         else:
             loaded = datasets.load_dataset(name, config, streaming=streaming)
     except Exception as error:  # datasets raises many types here (offline, not found, bad config)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"could not load dataset {name!r}: {first}") from None
+        raise UsageError(f"could not load dataset {name!r}: {first_line(error)}") from None
     if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         loaded = {"train": loaded}
     if "train" not in loaded:
@@ -223,7 +223,7 @@ def describe_sources(data_args) -> list[dict]:
         return described
     if data_args.dataset_name:
         return [{"dataset_name": data_args.dataset_name, "config": data_args.dataset_config_name}]
-    return [{"builtin": "pydoc_data.topics", "python": ".".join(map(str, os.sys.version_info[:3]))}]
+    return [{"builtin": "pydoc_data.topics", "python": platform.python_version()}]
 
 
 # --------------------------------------------------------------------------------------------------- tokens

@@ -7,15 +7,14 @@ import hashlib
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-from clmlab.cli import UsageError
+from clmlab.cli import UsageError, first_line
 
 
 def _load_config(name_or_path: str, what: str):
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except Exception as error:  # OSError offline or not found, ValueError for an unknown model_type
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"could not load {what} {name_or_path!r}: {first}") from None
+        raise UsageError(f"could not load {what} {name_or_path!r}: {first_line(error)}") from None
 
 
 def apply_config_overrides(config, overrides: str) -> None:

@@ -6,13 +6,15 @@ Also a command of its own:
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from clmlab.cli import UsageError
+from clmlab.cli import UsageError, first_line
 
 EOS = "<|endoftext|>"
 
@@ -40,8 +42,7 @@ def load_tokenizer(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as error:  # OSError offline or not found, ValueError for a folder with no tokenizer
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"could not load tokenizer {name_or_path!r}: {first}") from None
+        raise UsageError(f"could not load tokenizer {name_or_path!r}: {first_line(error)}") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer {name_or_path!r} has no EOS token; clmlab joins documents with EOS")
     return tokenizer
@@ -49,8 +50,6 @@ def load_tokenizer(name_or_path: str):
 
 def training_texts(train_documents, max_documents: int | None = None) -> Iterable[list[str]]:
     """Batches of training-document texts for the BPE trainer (batches: far fewer Python-Rust crossings)."""
-    import itertools
-
     texts = (doc["text"] for doc in train_documents)
     if max_documents is not None:
         texts = itertools.islice(texts, max_documents)
@@ -77,8 +76,6 @@ class TokenizerArguments:
 
 def main(argv=None) -> None:
     """Train on the same training split run_clm.py would, so both give the same tokenizer for the same data."""
-    import os
-
     from clmlab.args import DataArguments
     from clmlab.cli import parse_args
     from clmlab.data import load_documents
