@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path)
     model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
     initial_checksum = modeling.weights_checksum(model)
+    step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
     with args.main_process_first(desc="tokenizing and packing"):
-        lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed)
+        lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, step_tokens // block_size)
 
     n_params = modeling.parameter_count(model)
     for split in ("train", "validation"):
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"model: {n_params:,} parameters, initial weights sha256 {initial_checksum[:16]}...")
 
     # 3. The budget: runs on different data stop at the same step, having seen the same number of tokens.
-    step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
     if args.max_train_tokens:
         args.max_steps = run.steps_for_token_budget(args.max_train_tokens, step_tokens)
         logger.info(f"--max_train_tokens {args.max_train_tokens:,} = {args.max_steps:,} steps of {step_tokens:,} tokens "

@@ -275,10 +275,11 @@ class PackedBlocks(torch.utils.data.Dataset):
     loop over every token, which matters for corpora of hundreds of millions of tokens.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None):
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None, multiple_of: int = 1):
         n_blocks = len(tokens) // block_size
         if max_blocks is not None:
             n_blocks = min(n_blocks, max_blocks)
+        n_blocks -= n_blocks % multiple_of
         self.blocks = tokens[: n_blocks * block_size].reshape(n_blocks, block_size)
 
     def __len__(self) -> int:
@@ -294,17 +295,24 @@ class PackedBlocks(torch.utils.data.Dataset):
 class PackedStream(torch.utils.data.IterableDataset):
     """Blocks packed on the fly from a stream of tokenized documents."""
 
-    def __init__(self, token_docs: datasets.IterableDataset, block_size: int):
+    def __init__(self, token_docs: datasets.IterableDataset, block_size: int, multiple_of: int = 1):
         self.token_docs = token_docs
         self.block_size = block_size
+        self.multiple_of = multiple_of
 
     def set_epoch(self, epoch: int) -> None:
         self.token_docs.set_epoch(epoch)  # a new shuffle order when the stream restarts
 
     def __iter__(self):
+        # Blocks go out in whole groups of `multiple_of`: the group cut short when the stream ends is
+        # dropped, so no step at an epoch's end trains on fewer tokens than the others.
+        group = []
         for block in pack_documents((doc["input_ids"] for doc in self.token_docs), self.block_size):
             ids = torch.tensor(block, dtype=torch.long)
-            yield {"input_ids": ids, "labels": ids.clone()}
+            group.append({"input_ids": ids, "labels": ids.clone()})
+            if len(group) == self.multiple_of:
+                yield from group
+                group = []
 
 
 @dataclass
@@ -314,8 +322,13 @@ class LanguageModelingData:
     stats: dict  # documents, tokens and blocks per split, for run_info.json
 
 
-def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, seed: int) -> LanguageModelingData:
-    """Tokenize and pack both splits. Validation is always finite and fixed: the first --max_eval_samples blocks."""
+def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, seed: int, blocks_per_step: int = 1) -> LanguageModelingData:
+    """Tokenize and pack both splits. Validation is always finite and fixed: the first --max_eval_samples blocks.
+
+    Training blocks come in whole optimizer steps (`blocks_per_step` = batch x accumulation x world size):
+    the last partial step of an epoch is dropped, so every step sees the same number of tokens and runs on
+    different data that stop at the same step have seen exactly as many tokens.
+    """
     stats: dict = {}
     validation_tokens = tokenize_documents(documents["validation"], tokenizer, data_args.preprocessing_num_workers)
     if isinstance(validation_tokens, datasets.Dataset):
@@ -332,12 +345,12 @@ def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, se
 
     if data_args.streaming:
         stream = documents["train"].shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-        train = PackedStream(tokenize_documents(stream, tokenizer), block_size)
+        train = PackedStream(tokenize_documents(stream, tokenizer), block_size, blocks_per_step)
         stats["train"] = {"documents": None, "tokens": None, "blocks": None, "streaming": True}
     else:
         train_tokens = tokenize_documents(documents["train"], tokenizer, data_args.preprocessing_num_workers)
         tokens = flat_tokens(train_tokens)
-        train = PackedBlocks(tokens, block_size)
+        train = PackedBlocks(tokens, block_size, multiple_of=blocks_per_step)
         stats["train"] = {"documents": len(train_tokens), "tokens": int(len(tokens)), "blocks": len(train)}
         stats["fingerprint"] = {"train": train_tokens._fingerprint, "validation": validation_tokens._fingerprint}
     if len(validation) == 0:

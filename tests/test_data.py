@@ -97,6 +97,8 @@ def test_array_packing_equals_stream_packing():
     item = packed[3]
     assert item["input_ids"].tolist() == expected[3] == item["labels"].tolist()
     assert PackedBlocks(np.concatenate([np.array(d) for d in docs]), 16, max_blocks=5).blocks.tolist() == expected[:5]
+    whole_steps = PackedBlocks(np.concatenate([np.array(d) for d in docs]), 16, multiple_of=8)
+    assert len(whole_steps) == len(expected) // 8 * 8 and whole_steps.blocks.tolist() == expected[: len(whole_steps)]
 
 
 def test_tokenized_documents_end_with_eos(gpt2_tokenizer, tinystories):

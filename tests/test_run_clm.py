@@ -113,6 +113,23 @@ def test_two_rank_ddp_run_splits_the_batches(tmp_path, tinystories, streaming):
     assert done.stdout.count("Final eval loss") == 1  # one report, from rank 0
 
 
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_every_step_sees_the_same_tokens_across_epochs(tmp_path, shakespeare, streaming):
+    """An epoch that is not a whole number of steps must not end in a short step."""
+    data = tmp_path / "short.txt"
+    data.write_text(shakespeare.read_text()[:21_000])  # about 20 steps an epoch: 30 steps wrap
+    out = tmp_path / "wrap"
+    run_clm("--train_files", data, "--streaming", streaming, "--max_steps", 30, "--eval_on_start", "false",
+            "--max_eval_samples", 2, "--validation_split_percentage", 10, "--output_dir", out, *TINY)
+    info = json.loads((out / "run_info.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["epoch"] >= 1  # the data ran out at least once
+    if streaming == "false":
+        assert info["data"]["train"]["tokens"] // 64 % 8 != 0, "the test needs an epoch that ends in a partial batch"
+        assert info["data"]["train"]["blocks"] % 8 == 0
+    assert info["tokens_seen"] == 30 * 8 * 64, (state["epoch"], info["tokens_seen"])
+
+
 def test_yaml_config_with_a_flag_override(tmp_path, shakespeare):
     config = tmp_path / "exp.yaml"
     config.write_text(f"train_files: [{shakespeare}]\nmax_steps: 500\nconfig_overrides: n_embd=32,n_layer=1,n_head=2,n_positions=64\n"
