@@ -189,7 +189,10 @@ def load_documents(data_args, streaming: bool = False) -> dict:
             if kind == "text":
                 loaded[split] = _text_file_documents(files, data_args.text_documents, data_args.document_separator, streaming)
             else:
-                raw = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+                try:
+                    raw = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+                except Exception as error:  # malformed JSON or parquet surfaces as several exception types
+                    raise UsageError(f"could not read {flag} {files[0]}: {first_line(error)}") from None
                 loaded[split] = _select_text(raw, data_args.text_column, f"{flag} {files[0]}")
         train, validation = loaded["train"], loaded.get("validation")
     elif data_args.dataset_name:

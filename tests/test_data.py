@@ -160,3 +160,10 @@ def test_local_dataset_folder_keeps_its_validation_split(tmp_path):
     assert [d["text"] for d in streamed["validation"]] == ["valid 0", "valid 1"]
     with pytest.raises(UsageError, match=r"could not load dataset 'no-such/dataset-offline'"):
         load_documents(DataArguments(dataset_name="no-such/dataset-offline"))
+
+
+def test_malformed_json_is_a_usage_error(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut sho\n')
+    with pytest.raises(UsageError, match=r"could not read --train_files .*broken.jsonl"):
+        load_documents(DataArguments(train_files=[str(path)]))
