@@ -7,7 +7,9 @@ Also a command of its own:
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -17,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from clmlab.cli import UsageError, first_line
 
 EOS = "<|endoftext|>"
+logger = logging.getLogger(__name__)
 
 
 def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -65,7 +68,11 @@ def tokenizer_for_run(model_args, data_args, documents: dict):
     if model_args.model_name_or_path:
         return load_tokenizer(model_args.model_name_or_path)
     limit = data_args.tokenizer_train_documents if data_args.streaming else None
-    return train_bpe_tokenizer(training_texts(documents["train"], limit), model_args.tokenizer_vocab_size)
+    started = time.perf_counter()
+    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], limit), model_args.tokenizer_vocab_size)
+    logger.info(f"trained a byte-level BPE tokenizer of {len(tokenizer):,} tokens on the training documents "
+                f"in {time.perf_counter() - started:.1f} s")
+    return tokenizer
 
 
 @dataclass
