@@ -21,7 +21,7 @@ from callbacks.loss_plot import PLOT_FILE
 from clmlab import data, modeling, run
 from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args
-from clmlab.tokenizer import tokenizer_for_run
+from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "experiments" / "quickstart.yaml"
 logger = logging.getLogger("run_clm")
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not argv:
         print(f"No arguments given: running the built-in quickstart ({QUICKSTART.relative_to(QUICKSTART.parents[2])}).")
         argv = [str(QUICKSTART)]
-    model_args, data_args, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], argv, prog="run_clm.py")
+    model_args, data_args, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], argv, prog="run_clm.py",
+                                             alternatives=[("max_steps", "max_train_tokens")])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if args.should_log else logging.WARNING)
     started = time.time()
@@ -41,19 +42,29 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Everything that can be checked without reading data, before anything is written.
     if args.max_train_tokens and args.max_steps > 0:
         raise UsageError("give --max_steps or --max_train_tokens, not both")
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
+        raise UsageError(f"--max_eval_samples {data_args.max_eval_samples}: must be a positive number of blocks")
     if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
         raise UsageError("--streaming has no length to count epochs by; give --max_steps or --max_train_tokens")
     config = modeling.build_config(model_args)
     block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
     modeling.check_shape(config, block_size)
     resolved = run.resolved_arguments(model_args, data_args, args)
-    resume_from = run.prepare_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    plan = run.plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if plan.finished:
+        print(f"{args.output_dir} holds this run, finished: eval loss {plan.finished['final_metrics']['eval_loss']:.4f}. "
+              "Nothing to do; pass --overwrite_output_dir true to train it again.")
+        return plan.finished["final_metrics"]
+    resume_from = plan.resume_from
+    if resume_from:
+        args.eval_on_start = False  # the run's first evaluation is already in the checkpoint's log history
 
     # 2. Documents, tokenizer, model (seeded before any token is made), blocks.
     with args.main_process_first(desc="reading documents"):
         documents = data.load_documents(data_args, streaming=data_args.streaming)
     tokenizer = tokenizer_for_run(model_args, data_args, documents)
-    modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path)
+    trained_vocab = model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0
+    modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path, min_vocab_size=trained_vocab)
     model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
     initial_checksum = modeling.weights_checksum(model)
     step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{args.gradient_accumulation_steps} x world {args.world_size})")
 
     # 4. Train.
-    if args.overwrite_output_dir and args.should_save:
+    if plan.clear_first and args.should_save:
         run.clear_output_dir(args.output_dir)
     trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
                       processing_class=tokenizer, data_collator=default_data_collator)
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save_pretrained(out)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
-    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics = {**train_result.metrics, **final_evaluation(trainer)}
     trainer.save_state()
 
     if trainer.is_world_process_zero():
@@ -108,6 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Loss plot:  {out / PLOT_FILE}")
         print(f"Run record: {out / run.INFO_FILE}")
     return metrics
+
+
+def final_evaluation(trainer) -> dict:
+    """The evaluation at the last step, made again only if the Trainer did not already make it."""
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    for entry in reversed(last):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def describe_data(data_args) -> str:

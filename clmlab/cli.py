@@ -42,7 +42,7 @@ class ArgumentParser(HfArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def yaml_to_argv(path: str | Path, known: set[str]) -> list[str]:
+def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset()) -> list[str]:
     """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one."""
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -59,7 +59,7 @@ def yaml_to_argv(path: str | Path, known: set[str]) -> list[str]:
         raise UsageError(f"config file {path} has unknown keys {unknown}; the keys are the script's flags without '--'")
     argv: list[str] = []
     for key, value in config.items():
-        if value is None:
+        if value is None or key in drop:
             continue
         if isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
@@ -70,13 +70,24 @@ def yaml_to_argv(path: str | Path, known: set[str]) -> list[str]:
     return argv
 
 
-def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse `[config.yaml] [--flag value ...]`; flags given after the YAML file override it."""
+def parse_args(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    alternatives: Sequence[tuple[str, ...]] = (),
+):
+    """Parse `[config.yaml] [--flag value ...]`; flags given after the YAML file override it.
+
+    `alternatives` are groups of flags that say the same thing in different units (--max_steps and
+    --max_train_tokens): one of a group given on the command line replaces the others in the YAML file.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ArgumentParser(dataclass_types, prog=prog)
     if argv and argv[0].endswith((".yaml", ".yml")):
         known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
-        argv = yaml_to_argv(argv[0], known) + argv[1:]
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv[1:] if a.startswith("--")}
+        drop = {flag for group in alternatives if given & set(group) for flag in group if flag not in given}
+        argv = yaml_to_argv(argv[0], known, drop) + argv[1:]
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:

@@ -102,16 +102,24 @@ def _text_file_documents(files: list[str], mode: str, separator: str, streaming:
     return datasets.Dataset.from_generator(iter_text_documents, features=features, gen_kwargs=gen_kwargs)
 
 
-def _column_names(dataset) -> list[str]:
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    return list(next(iter(dataset)).keys())  # a stream whose features are not declared
+def _column_types(dataset, where: str) -> dict[str, str]:
+    if dataset.features is not None:
+        return {name: getattr(feature, "dtype", type(feature).__name__) for name, feature in dataset.features.items()}
+    try:  # a stream whose features are not declared: read its first record
+        first = next(iter(dataset))
+    except StopIteration:
+        raise UsageError(f"{where} holds no records") from None
+    except Exception as error:  # a stream parses lazily: malformed JSON surfaces here
+        raise UsageError(f"could not read {where}: {first_line(error)}") from None
+    return {name: "string" if isinstance(value, str) else type(value).__name__ for name, value in first.items()}
 
 
 def _select_text(dataset, text_column: str, where: str):
-    columns = _column_names(dataset)
-    if text_column not in columns:
-        raise UsageError(f"{where} has no column {text_column!r}; its columns are {columns}: pass one with --text_column")
+    types = _column_types(dataset, where)
+    if text_column not in types:
+        raise UsageError(f"{where} has no column {text_column!r}; its columns are {list(types)}: pass one with --text_column")
+    if types[text_column] not in ("string", "large_string"):
+        raise UsageError(f"{where}: column {text_column!r} holds {types[text_column]}, not text; pass a text column with --text_column")
     dataset = dataset.select_columns([text_column])
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")
@@ -296,26 +304,31 @@ class PackedBlocks(torch.utils.data.Dataset):
 
 
 class PackedStream(torch.utils.data.IterableDataset):
-    """Blocks packed on the fly from a stream of tokenized documents."""
+    """Blocks packed on the fly from a stream of tokenized documents, pass after pass without end.
 
-    def __init__(self, token_docs: datasets.IterableDataset, block_size: int, multiple_of: int = 1):
+    Endless on purpose: the Trainer then sees one epoch that never runs out, so no step at a pass's end
+    is cut short, and a resumed run skips exactly the batches the interrupted run trained on, even after
+    the stream has wrapped (each pass reshuffles with its own seed, `set_epoch(pass)`).
+    """
+
+    def __init__(self, token_docs: datasets.IterableDataset, block_size: int):
         self.token_docs = token_docs
         self.block_size = block_size
-        self.multiple_of = multiple_of
 
-    def set_epoch(self, epoch: int) -> None:
-        self.token_docs.set_epoch(epoch)  # a new shuffle order when the stream restarts
+    def _documents(self) -> Iterator[list[int]]:
+        for stream_pass in itertools.count():
+            self.token_docs.set_epoch(stream_pass)
+            empty = True
+            for doc in self.token_docs:
+                empty = False
+                yield doc["input_ids"]
+            if empty:
+                return
 
     def __iter__(self):
-        # Blocks go out in whole groups of `multiple_of`: the group cut short when the stream ends is
-        # dropped, so no step at an epoch's end trains on fewer tokens than the others.
-        group = []
-        for block in pack_documents((doc["input_ids"] for doc in self.token_docs), self.block_size):
+        for block in pack_documents(self._documents(), self.block_size):
             ids = torch.tensor(block, dtype=torch.long)
-            group.append({"input_ids": ids, "labels": ids.clone()})
-            if len(group) == self.multiple_of:
-                yield from group
-                group = []
+            yield {"input_ids": ids, "labels": ids.clone()}
 
 
 @dataclass
@@ -343,12 +356,13 @@ def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, se
         limit = data_args.max_eval_samples or 1000
         blocks = itertools.islice(pack_documents((d["input_ids"] for d in validation_tokens), block_size), limit)
         validation = PackedBlocks(np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64), block_size)
-        stats["validation"] = {"documents": None, "tokens": None}
+        stats["validation"] = {"documents": None, "tokens": len(validation) * block_size}  # read as far as needed
     stats["validation"]["blocks"] = len(validation)
 
     if data_args.streaming:
         stream = documents["train"].shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-        train = PackedStream(tokenize_documents(stream, tokenizer), block_size, blocks_per_step)
+        train = PackedStream(tokenize_documents(stream, tokenizer), block_size)
+        # A stream is counted as it is read: run_info.json's tokens_seen says how much of it the run used.
         stats["train"] = {"documents": None, "tokens": None, "blocks": None, "streaming": True}
     else:
         train_tokens = tokenize_documents(documents["train"], tokenizer, data_args.preprocessing_num_workers)

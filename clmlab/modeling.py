@@ -55,6 +55,12 @@ def context_length(config) -> int | None:
 
 
 def check_shape(config, block_size: int) -> None:
+    for key in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size"):
+        value = getattr(config, key, None)
+        if value is not None and value < 1:
+            raise UsageError(f"{key}={value}: must be a positive number")
+    if block_size < 1:
+        raise UsageError(f"--block_size {block_size}: must be a positive number of tokens")
     n_embd, n_head = getattr(config, "n_embd", None), getattr(config, "n_head", None)
     if n_embd and n_head and n_embd % n_head:
         raise UsageError(f"n_embd={n_embd} is not divisible by n_head={n_head}; choose n_embd as a multiple of n_head")
@@ -63,10 +69,14 @@ def check_shape(config, block_size: int) -> None:
         raise UsageError(f"--block_size {block_size} is above the model's n_positions={positions}; lower --block_size or raise n_positions")
 
 
-def fit_config_to_tokenizer(config, tokenizer, from_scratch: bool) -> None:
-    """From scratch the vocabulary and special ids come from the tokenizer; a checkpoint must already cover it."""
+def fit_config_to_tokenizer(config, tokenizer, from_scratch: bool, min_vocab_size: int = 0) -> None:
+    """From scratch the vocabulary and special ids come from the tokenizer; a checkpoint must already cover it.
+
+    `min_vocab_size` is the size asked of a BPE trained on the run's data: a small corpus can give fewer
+    merges, and sizing the embeddings by it would make the initial weights depend on the data.
+    """
     if from_scratch:
-        config.vocab_size = len(tokenizer)
+        config.vocab_size = max(len(tokenizer), min_vocab_size)
         config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         config.eos_token_id = tokenizer.eos_token_id
     elif len(tokenizer) > config.vocab_size:

@@ -56,53 +56,83 @@ def _run_defining(resolved: dict) -> dict:
     return {f"{group}.{k}": v for group, values in resolved.items() for k, v in values.items() if k not in NOT_RUN_DEFINING}
 
 
-def prepare_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str | None, overwrite: bool) -> str | None:
-    """Decide what to do with the output directory before any heavy work; return the checkpoint to resume.
+@dataclasses.dataclass
+class OutputPlan:
+    """What to do with --output_dir: resume from a checkpoint, clear a run being replaced, or nothing at all
+    because the same run already finished there."""
 
-    The same command re-run resumes from the last complete checkpoint; a directory holding anything else is
-    refused unless --overwrite_output_dir, so no finished run is lost by accident. Nothing is written here.
+    resume_from: str | None = None
+    clear_first: bool = False
+    finished: dict | None = None  # run_info.json of the finished run
+
+
+def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str | None, overwrite: bool) -> OutputPlan:
+    """Decide what to do with the output directory before any heavy work. Nothing is written here.
+
+    The same command re-run resumes from the last complete checkpoint, or does nothing if the run finished.
+    A directory holding a different run is refused unless --overwrite_output_dir; one holding anything
+    but a clmlab run is always refused, so no other work is lost by accident.
     """
     policy = (resume_from_checkpoint or "no").strip()
-    explicit = policy.lower() not in ("auto", "no", "none", "false")
-    if explicit and not os.path.isfile(os.path.join(policy, "trainer_state.json")):
-        raise UsageError(f"--resume_from_checkpoint {policy} is not a complete checkpoint (it has no trainer_state.json)")
+    explicit = policy if policy.lower() not in ("auto", "no", "none", "false") else None
+    if explicit and not is_complete_checkpoint(Path(explicit)):
+        raise UsageError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint (no readable trainer_state.json)")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file; give a folder")
     if not out.exists() or not any(out.iterdir()):
-        return policy if explicit else None
-    if overwrite:
-        return policy if explicit else None
-    if explicit:
-        return policy
+        return OutputPlan(resume_from=explicit)
     saved = out / ARGS_FILE
     if not saved.is_file():
-        raise UsageError(f"--output_dir {output_dir} is not empty and holds no clmlab run; choose another --output_dir or pass --overwrite_output_dir")
+        raise UsageError(f"--output_dir {output_dir} is not empty and holds no clmlab run; choose another --output_dir")
     before, now = _run_defining(json.loads(saved.read_text())), _run_defining(resolved)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
+        if overwrite:
+            if explicit and out.resolve() in Path(explicit).resolve().parents:
+                raise UsageError(f"--overwrite_output_dir would delete --resume_from_checkpoint {explicit}; write to another --output_dir")
+            return OutputPlan(resume_from=explicit, clear_first=True)
         shown = ", ".join(f"{k.split('.', 1)[1]}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UsageError(
-            f"--output_dir {output_dir} holds a different run ({shown}{more}); choose another --output_dir, "
-            "pass --overwrite_output_dir to replace it, or --resume_from_checkpoint PATH to continue from one of its checkpoints"
+            f"--output_dir {output_dir} holds a different run ({shown}{more}); choose another --output_dir "
+            "(with --resume_from_checkpoint to continue from one of its checkpoints) or pass --overwrite_output_dir true to replace it"
         )
-    if policy.lower() == "auto":
-        return last_complete_checkpoint(output_dir)
-    return None
+    if overwrite:
+        return OutputPlan(resume_from=explicit, clear_first=explicit is None)
+    if explicit:
+        return OutputPlan(resume_from=explicit)
+    info = read_json(out / INFO_FILE)
+    if info and info.get("status") == "finished":
+        return OutputPlan(finished=info)
+    return OutputPlan(resume_from=last_complete_checkpoint(output_dir) if policy.lower() == "auto" else None)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a checkpoint cut short by preemption has none, or half
+    of one."""
+    return read_json(path / "trainer_state.json") is not None
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N whose trainer_state.json exists: the Trainer writes that file last, so a
-    checkpoint cut short by preemption is skipped."""
     steps = []
     for path in Path(output_dir).glob("checkpoint-*"):
         suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+        if suffix.isdigit() and is_complete_checkpoint(path):
             steps.append((int(suffix), str(path)))
     return max(steps)[1] if steps else None
 
 
 def clear_output_dir(output_dir: str) -> None:
-    """For --overwrite_output_dir: a replaced run leaves no checkpoint behind for a later run to resume."""
+    """For --overwrite_output_dir (only ever on a folder holding a clmlab run): a replaced run leaves no
+    checkpoint behind for a later run to resume."""
     out = Path(output_dir)
     if out.exists():
         for child in out.iterdir():

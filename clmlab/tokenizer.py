@@ -60,18 +60,33 @@ def training_texts(train_documents, max_documents: int | None = None) -> Iterabl
         yield batch
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def trains_tokenizer(model_args) -> bool:
+    """No --tokenizer_name and no checkpoint that brings one: the run trains its own BPE."""
+    if model_args.tokenizer_name:
+        return False
+    checkpoint = model_args.model_name_or_path
+    if checkpoint is None:
+        return True
+    return os.path.isdir(checkpoint) and not any(os.path.exists(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES)
+
+
 def tokenizer_for_run(model_args, data_args, documents: dict):
     """--tokenizer_name, else the checkpoint's own, else a BPE trained on the training split only (held-out
     documents stay unseen)."""
-    if model_args.tokenizer_name:
-        return load_tokenizer(model_args.tokenizer_name)
-    if model_args.model_name_or_path:
-        return load_tokenizer(model_args.model_name_or_path)
+    if not trains_tokenizer(model_args):
+        return load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
     limit = data_args.tokenizer_train_documents if data_args.streaming else None
     started = time.perf_counter()
     tokenizer = train_bpe_tokenizer(training_texts(documents["train"], limit), model_args.tokenizer_vocab_size)
     logger.info(f"trained a byte-level BPE tokenizer of {len(tokenizer):,} tokens on the training documents "
                 f"in {time.perf_counter() - started:.1f} s")
+    if len(tokenizer) < model_args.tokenizer_vocab_size:
+        logger.warning(f"the training documents gave only {len(tokenizer):,} BPE tokens of the "
+                       f"{model_args.tokenizer_vocab_size:,} asked for; the model keeps {model_args.tokenizer_vocab_size:,} "
+                       "embedding rows so its initial weights do not depend on the data")
     return tokenizer
 
 

@@ -68,20 +68,29 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tmp_path, shakespeare)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, shakespeare):
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, shakespeare, streaming):
+    data = tmp_path / "plays.txt"
+    data.write_text(shakespeare.read_text()[:9_000])  # about 6 steps a pass: the checkpoint falls after a wrap
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    common = ["--train_files", shakespeare, "--max_steps", 16, "--save_steps", 8, "--logging_steps", 1,
-              "--eval_on_start", "false", "--max_eval_samples", 8, *TINY]
+    common = ["--train_files", data, "--streaming", streaming, "--max_steps", 16, "--save_steps", 8,
+              "--logging_steps", 1, "--max_eval_samples", 2, "--validation_split_percentage", 10, *TINY]
     run_clm(*common, "--output_dir", whole)
     # The same run killed after checkpoint-8 was written: only that checkpoint and the run's records remain.
     resumed.mkdir()
     shutil.copytree(whole / "checkpoint-8", resumed / "checkpoint-8")
     shutil.copy(whole / "run_args.json", resumed / "run_args.json")
-    done = run_clm(*common, "--output_dir", resumed)
-    assert "checkpoint-8" in json.loads((resumed / "run_info.json").read_text())["resumed_from"]
+    run_clm(*common, "--output_dir", resumed)
+    info = json.loads((resumed / "run_info.json").read_text())
+    assert "checkpoint-8" in info["resumed_from"]
+    if streaming == "false":
+        assert info["data"]["train"]["blocks"] // 8 < 8  # the data ran out before the checkpoint
     assert len(losses(whole)) == 16
     assert losses(resumed) == losses(whole)  # steps 9..16 recomputed after the resume, to the last bit
-    assert done.returncode == 0
+    # Re-running a finished run changes nothing.
+    before = (whole / "run_info.json").read_bytes()
+    again = run_clm(*common, "--output_dir", whole)
+    assert "Nothing to do" in again.stdout and (whole / "run_info.json").read_bytes() == before
 
 
 def test_streaming_run(tmp_path, tinystories):

@@ -8,7 +8,7 @@ import pytest
 
 from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
 from clmlab.cli import UsageError, parse_args
-from clmlab.run import ARGS_FILE, prepare_output_dir, resolved_arguments, steps_for_token_budget, tokens_per_step
+from clmlab.run import ARGS_FILE, INFO_FILE, plan_output_dir, resolved_arguments, steps_for_token_budget, tokens_per_step
 
 TYPES = [ModelArguments, DataArguments, ClmTrainingArguments]
 
@@ -33,6 +33,16 @@ def test_yaml_first_then_flags_override_it(tmp_path):
     assert data.train_files == ["a.txt", "b.txt"] and data.streaming is True
 
 
+def test_a_budget_flag_replaces_the_yaml_budget(tmp_path):
+    config = tmp_path / "x.yaml"
+    config.write_text("max_train_tokens: 409600\n")
+    alternatives = [("max_steps", "max_train_tokens")]
+    _, _, training = parse_args(TYPES, [str(config), "--max_steps", "100"], alternatives=alternatives)
+    assert training.max_steps == 100 and training.max_train_tokens is None
+    _, _, training = parse_args(TYPES, [str(config)], alternatives=alternatives)
+    assert training.max_steps == -1 and training.max_train_tokens == 409600
+
+
 def test_yaml_unknown_key_is_refused(tmp_path):
     config = tmp_path / "x.yaml"
     config.write_text("max_step: 100\n")
@@ -53,8 +63,7 @@ def _resolved(**training):
 def _make_checkpoint(out, step, complete=True):
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    if complete:
-        (path / "trainer_state.json").write_text("{}")
+    (path / "trainer_state.json").write_text('{"global_step": %d}' % step if complete else '{"global_st')
     return path
 
 
@@ -63,22 +72,42 @@ def test_same_run_resumes_from_last_complete_checkpoint(tmp_path):
     (tmp_path / ARGS_FILE).write_text(json.dumps(resolved))
     _make_checkpoint(tmp_path, 10)
     _make_checkpoint(tmp_path, 20)
-    _make_checkpoint(tmp_path, 30, complete=False)  # cut short while saving
-    assert prepare_output_dir(str(tmp_path), resolved, "auto", False) == str(tmp_path / "checkpoint-20")
-    assert prepare_output_dir(str(tmp_path), resolved, "no", False) is None
+    _make_checkpoint(tmp_path, 30, complete=False)  # preempted while writing trainer_state.json
+    assert plan_output_dir(str(tmp_path), resolved, "auto", False).resume_from == str(tmp_path / "checkpoint-20")
+    assert plan_output_dir(str(tmp_path), resolved, "no", False).resume_from is None
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        plan_output_dir(str(tmp_path), resolved, str(tmp_path / "checkpoint-30"), False)
+
+
+def test_same_run_finished_is_left_alone(tmp_path):
+    resolved = _resolved(output_dir=str(tmp_path), max_steps=30)
+    (tmp_path / ARGS_FILE).write_text(json.dumps(resolved))
+    _make_checkpoint(tmp_path, 30)
+    (tmp_path / INFO_FILE).write_text(json.dumps({"status": "finished", "final_metrics": {"eval_loss": 3.0}}))
+    plan = plan_output_dir(str(tmp_path), resolved, "auto", False)
+    assert plan.finished["final_metrics"]["eval_loss"] == 3.0 and plan.resume_from is None
+    assert plan_output_dir(str(tmp_path), resolved, "auto", True).clear_first
 
 
 def test_a_different_run_is_refused_and_nothing_is_touched(tmp_path):
     (tmp_path / ARGS_FILE).write_text(json.dumps(_resolved(output_dir=str(tmp_path), max_steps=30)))
-    _make_checkpoint(tmp_path, 10)
+    checkpoint = _make_checkpoint(tmp_path, 10)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(UsageError, match=r"holds a different run \(max_steps: 30 -> 40\)"):
-        prepare_output_dir(str(tmp_path), _resolved(output_dir=str(tmp_path), max_steps=40), "auto", False)
+        plan_output_dir(str(tmp_path), _resolved(output_dir=str(tmp_path), max_steps=40), "auto", False)
+    with pytest.raises(UsageError, match="holds a different run"):  # a checkpoint path does not open the door
+        plan_output_dir(str(tmp_path), _resolved(max_steps=40), str(checkpoint), False)
+    with pytest.raises(UsageError, match="would delete --resume_from_checkpoint"):
+        plan_output_dir(str(tmp_path), _resolved(max_steps=40), str(checkpoint), True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
-    assert prepare_output_dir(str(tmp_path), _resolved(max_steps=40), "auto", True) is None
+    plan = plan_output_dir(str(tmp_path), _resolved(max_steps=40), "auto", True)
+    assert plan.clear_first and plan.resume_from is None
 
 
-def test_foreign_directory_is_refused(tmp_path):
+def test_foreign_directory_is_refused_even_with_overwrite(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="holds no clmlab run"):
-        prepare_output_dir(str(tmp_path), _resolved(), "auto", False)
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="holds no clmlab run"):
+            plan_output_dir(str(tmp_path), _resolved(), "auto", overwrite)
+    with pytest.raises(UsageError, match="is a file"):
+        plan_output_dir(str(tmp_path / "notes.txt"), _resolved(), "auto", False)
