@@ -1,0 +1,99 @@
+"""Loading a trained model for inference or evaluation, from any plain Hugging Face checkpoint folder."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clmlab.cli import UsageError, first_line
+from clmlab.run import last_complete_checkpoint
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+logger = logging.getLogger(__name__)
+
+
+def _has_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def find_model_dir(path: str) -> Path:
+    """A run's output directory (its final model, else its latest complete checkpoint) or a checkpoint-N folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--checkpoint {path}: no such folder")
+    if _has_model(folder):
+        return folder
+    latest = last_complete_checkpoint(str(folder))
+    if latest and _has_model(Path(latest)):
+        logger.info(f"{path} has no final model yet: using its latest checkpoint {latest}")
+        return Path(latest)
+    raise UsageError(
+        f"--checkpoint {path} holds no model (no config.json with weights, no complete checkpoint-N folder); "
+        "give a run's output directory or one of its checkpoint-N folders"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """GPT-2's projections are transformers' Conv1D (weights stored transposed), which torch's dynamic
+    quantization does not recognise; an equivalent nn.Linear lets every projection be quantized."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=child.bias is not None)
+                linear.weight.data = child.weight.data.t().contiguous()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.clone()
+                setattr(module, child_name, linear)
+    return model
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of every linear layer (weights int8, activations quantized on the fly):
+    a CPU inference mode."""
+    model = conv1d_to_linear(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation on every call
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_for_inference(path: str, device: str = "auto", dtype: str = "auto", quantize: str | None = None):
+    """Model (eval mode, on its device) and tokenizer of a checkpoint folder; the tokenizer comes from the
+    run's folder when a checkpoint-N folder has none."""
+    model_dir = find_model_dir(path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantize == "int8" and (torch_device.type != "cpu" or torch_dtype != torch.float32):
+        raise UsageError("--quantize int8 is CPU inference in float32: use --device cpu --dtype float32 (or auto on a CPU machine)")
+    tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else model_dir.parent
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    except Exception as error:  # a corrupt or foreign folder
+        raise UsageError(f"could not load the model in {model_dir}: {first_line(error)}") from None
+    model.eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
+    model.to(torch_device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id; attention masks hide it
+    return model, tokenizer, model_dir

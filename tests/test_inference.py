@@ -1,0 +1,244 @@
+"""run_infer.py, run_eval.py and the scoring code behind them (tiny models, CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, shared
+from clmlab.checkpoints import find_model_dir, load_for_inference
+from clmlab.cli import UsageError
+from clmlab.evaluation import (
+    encode_pair,
+    hellaswag_example,
+    loglikelihoods,
+    qa_scores,
+    score_choices,
+    sliding_window_perplexity,
+    token_f1,
+)
+from clmlab.generation import DecodingSettings, chat_end_token_id, generate
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is being made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    model, tokenizer, _ = load_for_inference(str(shared("tiny_gpt2_random")), "cpu", "float32")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A small GPT-2 trained for a few dozen steps: random weights say little about int8 error."""
+    from test_run_clm import TINY, run_clm
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    run_clm("--train_files", shared("tinyshakespeare/input.txt"), "--output_dir", out, "--max_steps", 60,
+            "--eval_on_start", "false", "--max_eval_samples", 4, *TINY)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_gpt2(tmp_path_factory):
+    """Random weights of some width: greedy text then differs from prompt to prompt, and depends on positions."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("random_gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(shared("tiny_gpt2_random")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hellaswag_docs():
+    with open(shared("hellaswag/hellaswag_val.jsonl")) as handle:
+        return [json.loads(next(handle)) for _ in range(12)]
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+def test_hellaswag_scores_equal_a_plain_per_example_computation(tiny, hellaswag_docs):
+    model, tokenizer = tiny
+
+    def clean(text):  # lm-evaluation-harness's preprocess, written out again
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+    correct = correct_norm = 0
+    for doc in hellaswag_docs:
+        context = clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        lls = []
+        for ending in doc["endings"]:
+            ending = clean(ending)
+            whole = tokenizer(context + " " + ending)["input_ids"]
+            n_context = len(tokenizer(context)["input_ids"])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            lls.append(sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole))))
+        lengths = [len(clean(e)) for e in doc["endings"]]
+        correct += max(range(4), key=lambda k: lls[k]) == int(doc["label"])
+        correct_norm += max(range(4), key=lambda k: lls[k] / lengths[k]) == int(doc["label"])
+
+    scores = score_choices(model, tokenizer, [hellaswag_example(d) for d in hellaswag_docs], batch_size=5)
+    assert scores["examples"] == 12
+    assert scores["acc"] == correct / 12 and scores["acc_norm"] == correct_norm / 12
+
+
+def test_batched_loglikelihoods_equal_unbatched(tiny, hellaswag_docs):
+    model, tokenizer = tiny
+    requests = [encode_pair(tokenizer, hellaswag_example(d).context, " " + e) for d in hellaswag_docs[:4] for e in d["endings"]]
+    one_by_one = loglikelihoods(model, requests, batch_size=1)
+    batched = loglikelihoods(model, requests, batch_size=7)
+    assert [g for _, g in one_by_one] == [g for _, g in batched]
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in one_by_one], abs=1e-4)
+
+
+def test_trailing_context_space_moves_to_the_continuation(tiny):
+    _, tokenizer = tiny
+    assert encode_pair(tokenizer, "Hello ", "world") == encode_pair(tokenizer, "Hello", " world")
+
+
+def test_perplexity_with_stride_equal_to_context_is_exp_of_mean_token_loss(tiny, shakespeare):
+    model, tokenizer = tiny
+    text = shakespeare.read_text()[:3000]
+    result = sliding_window_perplexity(model, tokenizer, text, stride=64, max_length=64)
+    ids = [tokenizer.eos_token_id] + tokenizer(text)["input_ids"]
+    losses, count = 0.0, 0
+    for begin in range(0, len(ids), 64):
+        window = torch.tensor([ids[begin : begin + 64]])
+        if window.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            losses += model(window, labels=window).loss.item() * (window.shape[1] - 1)
+        count += window.shape[1] - 1
+    assert result.tokens == count
+    assert result.perplexity == pytest.approx(math.exp(losses / count), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(losses / math.log(2) / len(text.encode()), rel=1e-5)
+    overlapping = sliding_window_perplexity(model, tokenizer, text, stride=16, max_length=64)
+    assert overlapping.tokens == len(ids) - 1  # with overlap every token is scored exactly once
+
+
+def test_qa_scores():
+    assert token_f1("the Eiffel Tower", "Eiffel tower in Paris") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 2 / 4))
+    scores = qa_scores(["Paris.", "blue whale", "no"], [["paris", "Paris, France"], ["the blue whale"], ["yes"]])
+    assert scores["exact_match"] == pytest.approx(2 / 3) and scores["f1"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+def test_same_seed_same_text(tiny):
+    model, tokenizer = tiny
+    settings = DecodingSettings(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, seed=5)
+    first = generate(model, tokenizer, ["Once upon a time"], settings)
+    again = generate(model, tokenizer, ["Once upon a time"], settings)
+    other = generate(model, tokenizer, ["Once upon a time"], DecodingSettings(**{**settings.as_dict(), "seed": 6}))
+    assert first == again and first != other
+
+
+def test_left_padded_batch_gives_the_same_greedy_text(random_gpt2):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "O"]
+    settings = DecodingSettings(max_new_tokens=10, do_sample=False)
+    batched = generate(model, tokenizer, prompts, settings, batch_size=3)
+    alone = [generate(model, tokenizer, [p], settings, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert len({texts[0] for texts in batched}) > 1
+
+
+def test_a_prompt_past_the_context_is_cut_from_the_left(random_gpt2, caplog):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")  # n_positions 64
+    long_prompt = "ROMEO: " * 100
+    out = generate(model, tokenizer, [long_prompt], DecodingSettings(max_new_tokens=8, do_sample=False))
+    assert len(out[0]) == 1 and "first" in caplog.text and "tokens are cut" in caplog.text
+
+
+def test_chat_applies_the_saved_template(tmp_path, capsys):
+    folder = tmp_path / "chat_model"
+    shutil.copytree(shared("tiny_gpt2_random"), folder)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tokenizer.save_pretrained(folder)
+    assert chat_end_token_id(AutoTokenizer.from_pretrained(folder)) == tokenizer.eos_token_id
+    out = tmp_path / "gen.jsonl"
+    load_script("run_infer").main(["--checkpoint", str(folder), "--chat", "--prompt", "Name a color.",
+                                   "--max_new_tokens", "4", "--output_jsonl", str(out)])
+    record = json.loads(out.read_text())
+    assert record["model_input"] == "<|user|>\nName a color.<|endoftext|>\n<|assistant|>\n"
+    assert record["prompt"] == "Name a color." and record["settings"]["max_new_tokens"] == 4
+
+
+def test_compare_writes_one_record_per_checkpoint(tmp_path, trained_run, tiny_gpt2, capsys):
+    out = tmp_path / "gen.jsonl"
+    load_script("run_infer").main(["--checkpoint", str(trained_run), "--compare", str(tiny_gpt2), "--prompt", "ROMEO:",
+                                   "--prompt", "JULIET:", "--max_new_tokens", "5", "--do_sample", "false",
+                                   "--output_jsonl", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and {r["checkpoint"] for r in records} == {str(trained_run), str(tiny_gpt2)}
+    assert " | " in capsys.readouterr().out  # shown side by side
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_run_without_a_final_model_uses_its_latest_checkpoint(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoint-60", run / "checkpoint-60")
+    assert find_model_dir(str(run)) == run / "checkpoint-60"
+    model, tokenizer, _ = load_for_inference(str(run), "cpu", "float32")
+    assert tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize("script", ["run_infer", "run_eval"])
+def test_a_folder_with_no_model_exits_2(tmp_path, capsys, script):
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main(["--checkpoint", str(tmp_path), "--prompt" if script == "run_infer" else "--task",
+                                  "hi" if script == "run_infer" else "perplexity"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no model" in err[0]
+
+
+def test_int8_perplexity_is_close_to_fp32(tmp_path, trained_run, shakespeare):
+    data = tmp_path / "text.txt"
+    data.write_text(shakespeare.read_text()[-6000:])
+    run_eval = load_script("run_eval").main
+    fp32 = run_eval(["--checkpoint", str(trained_run), "--task", "perplexity", "--data_file", str(data), "--device", "cpu"])
+    int8 = run_eval(["--checkpoint", str(trained_run), "--task", "perplexity", "--data_file", str(data), "--device", "cpu",
+                     "--quantize", "int8", "--output_json", str(tmp_path / "int8.json")])
+    fp32_ppl, int8_ppl = fp32[str(trained_run)]["perplexity"], int8[str(trained_run)]["perplexity"]
+    assert fp32_ppl < 400  # a trained model, not a random one
+    assert int8_ppl != fp32_ppl and abs(int8_ppl / fp32_ppl - 1) < 0.05
+    assert json.loads((tmp_path / "int8.json").read_text())["settings"]["quantize"] == "int8"
+
+
+def test_eval_tables_several_checkpoints(tmp_path, trained_run, tiny_gpt2, capsys):
+    results = load_script("run_eval").main(["--checkpoint", str(trained_run), str(tiny_gpt2), "--task", "multiple_choice",
+                                            "--data_file", str(shared("commonsenseqa/dev_rand_split.jsonl")), "--limit", "10"])
+    assert set(results) == {str(trained_run), str(tiny_gpt2)}
+    assert all(r["examples"] == 10 and 0 <= r["acc"] <= 1 for r in results.values())
+    table = capsys.readouterr().out
+    assert "acc_norm" in table and str(tiny_gpt2) in table
+    qa = load_script("run_eval").main(["--checkpoint", str(trained_run), "--task", "qa", "--limit", "4",
+                                       "--data_file", str(shared("qa/webglm_nq_open.jsonl")), "--max_new_tokens", "4"])
+    assert qa[str(trained_run)]["examples"] == 4
