@@ -52,7 +52,7 @@ def loglikelihoods(model, requests: Sequence[tuple[list[int], list[int]]], batch
             context, continuation = requests[i]
             ids = (list(context) + list(continuation))[-(max_length + 1):][:-1]
             inputs.append(ids)
-            spans.append(len(continuation))
+            spans.append(min(len(continuation), len(ids)))  # a continuation longer than the context: its end
         width = max(len(ids) for ids in inputs)
         input_ids = torch.zeros(len(inputs), width, dtype=torch.long)
         attention = torch.zeros(len(inputs), width, dtype=torch.long)

@@ -109,6 +109,14 @@ def test_batched_loglikelihoods_equal_unbatched(tiny, hellaswag_docs):
     assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in one_by_one], abs=1e-4)
 
 
+def test_contexts_and_continuations_longer_than_the_model_lose_their_left_end(random_gpt2):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")  # n_positions 64
+    context, continuation = list(range(1, 90)), list(range(100, 180))
+    [(long_ll, _)] = loglikelihoods(model, [(context, continuation)])
+    [(tail_ll, _)] = loglikelihoods(model, [(continuation[:-64], continuation[-64:])])
+    assert long_ll == pytest.approx(tail_ll, abs=1e-4)  # only the last 64 tokens fit; they are what is scored
+
+
 def test_trailing_context_space_moves_to_the_continuation(tiny):
     _, tokenizer = tiny
     assert encode_pair(tokenizer, "Hello ", "world") == encode_pair(tokenizer, "Hello", " world")
