@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clmlab import evaluation
-from clmlab.checkpoints import load_for_inference
+from clmlab.checkpoints import LoadArguments, load_for_inference
 from clmlab.cli import UsageError, exits_on_usage_error, first_line, parse_args
 from clmlab.generation import DecodingSettings, generate
 
@@ -41,9 +41,6 @@ class EvalArguments:
     batch_size: int = field(default=16, metadata={"help": "Sequences scored together."})
     max_new_tokens: int = field(default=24, metadata={"help": "Answer length for --task qa (greedy)."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda.", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]})
-    quantize: str | None = field(default=None, metadata={"help": "int8: dynamic int8 linear layers (CPU).", "choices": ["int8"]})
 
 
 def load_records(args: EvalArguments) -> list[dict]:
@@ -119,11 +116,11 @@ def comparison_table(results: dict[str, dict]) -> str:
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = parse_args([EvalArguments], argv, prog="run_eval.py")
+    args, placement = parse_args([EvalArguments, LoadArguments], argv, prog="run_eval.py")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.stride is not None and args.stride < 1):
         raise UsageError("--batch_size, --limit and --stride must be positive")
-    loaded = [(path, *load_for_inference(path, args.device, args.dtype, args.quantize)) for path in args.checkpoint]
+    loaded = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in args.checkpoint]
     records = load_records(args)
     if not records:
         raise UsageError("no records to evaluate")
@@ -134,11 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         results[path] = metrics
     print(f"\n{args.task} on {args.data_file or args.dataset_name or HUB_DEFAULTS.get(args.task, ('',))[0]}"
-          f" ({len(records)} records{', int8' if args.quantize else ''})")
+          f" ({len(records)} records{', int8' if placement.quantize else ''})")
     print(comparison_table(results))
     if args.output_json:
         payload = {"task": args.task, "data": args.data_file or args.dataset_name, "records": len(records),
-                   "settings": {"stride": args.stride, "limit": args.limit, "dtype": args.dtype, "quantize": args.quantize},
+                   "settings": {"stride": args.stride, "limit": args.limit, "dtype": placement.dtype, "quantize": placement.quantize},
                    "results": results}
         Path(args.output_json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"Wrote {args.output_json}")

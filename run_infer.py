@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 
-from clmlab.checkpoints import load_for_inference
+from clmlab.checkpoints import LoadArguments, load_for_inference
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args
 from clmlab.generation import DecodingSettings, chat_end_token_id, chat_prompt, generate
 
@@ -33,9 +33,6 @@ class InferArguments:
     chat: bool = field(default=False, metadata={"help": "Wrap prompts in the checkpoint's chat template and stop at its end token."})
     batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
     output_jsonl: str | None = field(default=None, metadata={"help": "Also write prompt, checkpoint, settings and text here."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda.", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]})
-    quantize: str | None = field(default=None, metadata={"help": "int8: dynamic int8 linear layers (CPU).", "choices": ["int8"]})
 
 
 def read_prompts(args: InferArguments) -> list[str]:
@@ -66,12 +63,12 @@ def side_by_side(columns: list[tuple[str, str]]) -> str:
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> list[dict]:
-    args, settings = parse_args([InferArguments, DecodingSettings], argv, prog="run_infer.py")
+    args, placement, settings = parse_args([InferArguments, LoadArguments, DecodingSettings], argv, prog="run_infer.py")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if settings.max_new_tokens < 1 or settings.num_return_sequences < 1 or args.batch_size < 1:
         raise UsageError("--max_new_tokens, --num_return_sequences and --batch_size must be positive")
     prompts = read_prompts(args)
-    models = [(path, *load_for_inference(path, args.device, args.dtype, args.quantize)) for path in [args.checkpoint, *(args.compare or [])]]
+    models = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in [args.checkpoint, *(args.compare or [])]]
     for path, _, tokenizer, _ in models:
         if args.chat and not tokenizer.chat_template:
             raise UsageError(f"--chat: the tokenizer of {path} has no chat template; train it with run_sft.py or drop --chat")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +15,15 @@ from clmlab.run import last_complete_checkpoint
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadArguments:
+    """How run_infer.py and run_eval.py place a model: the same flags in both."""
+
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda.", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]})
+    quantize: str | None = field(default=None, metadata={"help": "int8: dynamic int8 linear layers (CPU).", "choices": ["int8"]})
 
 
 def _has_model(folder: Path) -> bool:
