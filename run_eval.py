@@ -54,6 +54,8 @@ def load_records(args: EvalArguments) -> list[dict]:
         try:
             if path.suffix == ".json":
                 records = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(records, list):
+                    raise UsageError(f"--data_file {path} holds one JSON object; give a JSON array of records or jsonl")
                 return records[: args.limit] if args.limit else records
             return list(evaluation.read_jsonl(str(path), args.limit))
         except ValueError as error:
@@ -72,11 +74,18 @@ def load_records(args: EvalArguments) -> list[dict]:
     return list(records.select(range(min(args.limit, len(records)))) if args.limit else records)
 
 
+def perplexity_text(args: EvalArguments, records: list[dict]) -> str:
+    if not all(isinstance(r, dict) and isinstance(r.get(args.text_column), str) for r in records):
+        raise UsageError(f"every record needs a text field {args.text_column!r}; pass the right one with --text_column")
+    text = "\n\n".join(r[args.text_column] for r in records)
+    if not text.strip():
+        raise UsageError("the text to score is empty")
+    return text
+
+
 def evaluate_checkpoint(model, tokenizer, args: EvalArguments, records: list[dict], label: str) -> dict:
     if args.task == "perplexity":
-        if any(args.text_column not in r for r in records[:1]):
-            raise UsageError(f"--data_file records have no field {args.text_column!r}; pass one with --text_column")
-        text = "\n\n".join(r[args.text_column] for r in records)
+        text = perplexity_text(args, records)
         with tqdm(desc=f"{label}: perplexity windows", unit="window") as bar:
             result = evaluation.sliding_window_perplexity(model, tokenizer, text, args.stride, progress=bar.update)
         return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
@@ -91,8 +100,11 @@ def evaluate_checkpoint(model, tokenizer, args: EvalArguments, records: list[dic
         settings = DecodingSettings(max_new_tokens=args.max_new_tokens, do_sample=False)
         answers = []
         for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"{label}: qa", unit="batch"):
-            answers += [texts[0].strip().split("\n")[0] for texts in
-                        generate(model, tokenizer, prompts[start : start + args.batch_size], settings, args.batch_size)]
+            try:
+                outputs = generate(model, tokenizer, prompts[start : start + args.batch_size], settings, args.batch_size)
+            except ValueError as error:  # max_new_tokens past the context
+                raise UsageError(f"--max_new_tokens {args.max_new_tokens}: {error}") from None
+            answers += [texts[0].strip().split("\n")[0] for texts in outputs]
         return evaluation.qa_scores(answers, references)
     make = evaluation.hellaswag_example if args.task == "hellaswag" else evaluation.multiple_choice_example
     try:
@@ -118,12 +130,14 @@ def comparison_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args, placement = parse_args([EvalArguments, LoadArguments], argv, prog="run_eval.py")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.stride is not None and args.stride < 1):
-        raise UsageError("--batch_size, --limit and --stride must be positive")
-    loaded = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in args.checkpoint]
-    records = load_records(args)
+    if min(args.batch_size, args.max_new_tokens, args.limit or 1, args.stride or 1) < 1:
+        raise UsageError("--batch_size, --max_new_tokens, --limit and --stride must be positive")
+    records = load_records(args)  # bad data fails before any model is loaded
     if not records:
         raise UsageError("no records to evaluate")
+    if args.task == "perplexity":
+        perplexity_text(args, records)
+    loaded = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in args.checkpoint]
     results = {}
     for path, model, tokenizer, _ in loaded:
         started = time.perf_counter()

@@ -69,15 +69,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise UsageError("--max_new_tokens, --num_return_sequences and --batch_size must be positive")
     prompts = read_prompts(args)
     models = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in [args.checkpoint, *(args.compare or [])]]
-    for path, _, tokenizer, _ in models:
-        if args.chat and not tokenizer.chat_template:
-            raise UsageError(f"--chat: the tokenizer of {path} has no chat template; train it with run_sft.py or drop --chat")
+    if args.chat and not models[0][2].chat_template:
+        raise UsageError(f"--chat: the tokenizer of {args.checkpoint} has no chat template; train it with run_sft.py or drop --chat")
+    for path, _, tokenizer, _ in models[1:]:
+        if args.chat and not tokenizer.chat_template:  # a base model beside its instruction-tuned version
+            print(f"note: {path} has no chat template: it gets the plain prompts", file=sys.stderr)
 
     def run(prompt_batch: list[str], stream: bool) -> list[dict]:
         records = []
         for path, model, tokenizer, model_dir in models:
-            texts = [chat_prompt(tokenizer, p) for p in prompt_batch] if args.chat else prompt_batch
-            stop = chat_end_token_id(tokenizer) if args.chat else None
+            chat = args.chat and bool(tokenizer.chat_template)
+            texts = [chat_prompt(tokenizer, p) for p in prompt_batch] if chat else prompt_batch
+            stop = chat_end_token_id(tokenizer) if chat else None
             started = time.perf_counter()
             try:
                 outputs = generate(model, tokenizer, texts, settings, args.batch_size, stop, stream)

@@ -145,11 +145,14 @@ def hellaswag_example(doc: dict) -> ChoiceExample:
 
 
 def multiple_choice_example(doc: dict) -> ChoiceExample:
-    """CommonsenseQA / ARC layout: {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}."""
+    """CommonsenseQA / ARC layouts: the original {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}
+    or the Hub's flat {"question": str, "choices": {"label": [...], "text": [...]}, "answerKey"}."""
     question = doc["question"]
-    labels = [c["label"] for c in question["choices"]]
-    return ChoiceExample(f"Question: {question['stem']}\nAnswer:", [c["text"] for c in question["choices"]],
-                         labels.index(doc["answerKey"]))
+    if isinstance(question, str):
+        stem, labels, texts = question, list(doc["choices"]["label"]), list(doc["choices"]["text"])
+    else:
+        stem, labels, texts = question["stem"], [c["label"] for c in question["choices"]], [c["text"] for c in question["choices"]]
+    return ChoiceExample(f"Question: {stem}\nAnswer:", texts, labels.index(doc["answerKey"]))
 
 
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16,

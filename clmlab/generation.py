@@ -42,13 +42,17 @@ def chat_prompt(tokenizer, user_text: str) -> str:
 
 
 def chat_end_token_id(tokenizer) -> int | None:
-    """The token the template puts after an assistant's message: where a chat answer stops."""
+    """The special token the template puts after an assistant's message: where a chat answer stops.
+    None when the template ends a turn with plain text only; generation then stops at EOS."""
     marker = "\u2063answer\u2063"
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False)
     after = rendered.split(marker, 1)[1] if marker in rendered else ""
-    ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after.strip() else []
-    return ids[0] if ids else None
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return token_id
+    return None
 
 
 def fit_to_context(ids: list[int], max_new_tokens: int, n_positions: int, label: str = "prompt") -> list[int]:
@@ -80,17 +84,14 @@ def generate(model, tokenizer, prompts: list[str], settings: DecodingSettings, b
                               f"prompt {i + 1}") for i, p in enumerate(prompts)]
     outputs: list[list[str]] = []
     for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+        # An empty prompt starts from EOS, as GPT-2's unconditional samples do: no row may be all padding.
+        batch = [ids or [tokenizer.eos_token_id] for ids in encoded[start : start + batch_size]]
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros(len(batch), width, dtype=torch.long)
         for row, ids in enumerate(batch):
-            if ids:
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
-        if width == 0:  # an empty prompt starts from EOS, as GPT-2 unconditional samples do
-            input_ids = torch.full((len(batch), 1), tokenizer.eos_token_id, dtype=torch.long)
-            attention = torch.ones_like(input_ids)
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, streamer=streamer,

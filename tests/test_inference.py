@@ -24,7 +24,7 @@ from clmlab.evaluation import (
     sliding_window_perplexity,
     token_f1,
 )
-from clmlab.generation import DecodingSettings, chat_end_token_id, generate
+from clmlab.generation import DecodingSettings, chat_end_token_id, fit_to_context, generate
 
 
 def load_script(name: str):
@@ -59,7 +59,7 @@ def random_gpt2(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("random_gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=50257)).save_pretrained(folder)
     AutoTokenizer.from_pretrained(shared("tiny_gpt2_random")).save_pretrained(folder)
     return folder
 
@@ -73,14 +73,15 @@ def hellaswag_docs():
 # --------------------------------------------------------------------------------------------------- scoring
 
 
-def test_hellaswag_scores_equal_a_plain_per_example_computation(tiny, hellaswag_docs):
-    model, tokenizer = tiny
+def test_hellaswag_scores_equal_a_plain_per_example_computation(random_gpt2, hellaswag_docs):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
 
     def clean(text):  # lm-evaluation-harness's preprocess, written out again
         text = text.strip().replace(" [title]", ". ")
         return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 
     correct = correct_norm = 0
+    expected_lls = []
     for doc in hellaswag_docs:
         context = clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
         lls = []
@@ -91,13 +92,18 @@ def test_hellaswag_scores_equal_a_plain_per_example_computation(tiny, hellaswag_
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
             lls.append(sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole))))
+        expected_lls += lls
         lengths = [len(clean(e)) for e in doc["endings"]]
         correct += max(range(4), key=lambda k: lls[k]) == int(doc["label"])
         correct_norm += max(range(4), key=lambda k: lls[k] / lengths[k]) == int(doc["label"])
 
-    scores = score_choices(model, tokenizer, [hellaswag_example(d) for d in hellaswag_docs], batch_size=5)
+    examples = [hellaswag_example(d) for d in hellaswag_docs]
+    requests = [encode_pair(tokenizer, e.context, " " + choice) for e in examples for choice in e.choices]
+    assert [ll for ll, _ in loglikelihoods(model, requests, batch_size=5)] == pytest.approx(expected_lls, abs=1e-4)
+    scores = score_choices(model, tokenizer, examples, batch_size=5)
     assert scores["examples"] == 12
     assert scores["acc"] == correct / 12 and scores["acc_norm"] == correct_norm / 12
+    assert correct != correct_norm or len({round(x, 2) for x in expected_lls}) > 40  # the scores discriminate
 
 
 def test_batched_loglikelihoods_equal_unbatched(tiny, hellaswag_docs):
@@ -110,11 +116,12 @@ def test_batched_loglikelihoods_equal_unbatched(tiny, hellaswag_docs):
 
 
 def test_contexts_and_continuations_longer_than_the_model_lose_their_left_end(random_gpt2):
-    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")  # n_positions 64
-    context, continuation = list(range(1, 90)), list(range(100, 180))
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    n = model.config.n_positions
+    context, continuation = list(range(1, n + 40)), list(range(1000, 1000 + n + 20))
     [(long_ll, _)] = loglikelihoods(model, [(context, continuation)])
-    [(tail_ll, _)] = loglikelihoods(model, [(continuation[:-64], continuation[-64:])])
-    assert long_ll == pytest.approx(tail_ll, abs=1e-4)  # only the last 64 tokens fit; they are what is scored
+    [(tail_ll, _)] = loglikelihoods(model, [(continuation[:-n], continuation[-n:])])
+    assert long_ll == pytest.approx(tail_ll, abs=1e-4)  # only the last n tokens fit; they are what is scored
 
 
 def test_trailing_context_space_moves_to_the_continuation(tiny):
@@ -171,10 +178,37 @@ def test_left_padded_batch_gives_the_same_greedy_text(random_gpt2):
 
 
 def test_a_prompt_past_the_context_is_cut_from_the_left(random_gpt2, caplog):
-    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")  # n_positions 64
-    long_prompt = "ROMEO: " * 100
-    out = generate(model, tokenizer, [long_prompt], DecodingSettings(max_new_tokens=8, do_sample=False))
-    assert len(out[0]) == 1 and "first" in caplog.text and "tokens are cut" in caplog.text
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")  # n_positions 256
+    ids = list(range(300))
+    kept = fit_to_context(ids, max_new_tokens=16, n_positions=256)
+    assert kept == ids[-240:] and "its first 60 tokens are cut" in caplog.text
+    out = generate(model, tokenizer, ["ROMEO: " * 150], DecodingSettings(max_new_tokens=8, do_sample=False))
+    assert len(out[0]) == 1 and out[0][0]  # no IndexError past n_positions
+    with pytest.raises(ValueError, match="leaves no room"):
+        fit_to_context(ids, max_new_tokens=256, n_positions=256)
+
+
+def test_generation_stops_at_the_stop_token_and_empty_prompts_start_from_eos(random_gpt2):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    settings = DecodingSettings(max_new_tokens=12, do_sample=False)
+    free = generate(model, tokenizer, ["ROMEO:"], settings)[0][0]
+    ids = tokenizer(free, add_special_tokens=False)["input_ids"]
+    stop = ids[3]
+    stopped = generate(model, tokenizer, ["ROMEO:"], settings, stop_token_id=stop)[0][0]
+    assert tokenizer(stopped, add_special_tokens=False)["input_ids"] == ids[: ids.index(stop) + 1]  # stops right after it
+    alone = generate(model, tokenizer, [""], settings)[0]
+    assert generate(model, tokenizer, ["", "ROMEO: a much longer prompt"], settings)[0] == alone
+
+
+def test_chat_end_token_is_the_templates_special_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared("tiny_gpt2_random"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n<|end|>\n{% endfor %}"
+    assert chat_end_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}\n{{ m['content'] }}\n\n{% endfor %}"
+    assert chat_end_token_id(tokenizer) is None  # plain text ends the turn: stop at EOS only
 
 
 def test_chat_applies_the_saved_template(tmp_path, capsys):
@@ -220,8 +254,8 @@ def test_a_run_without_a_final_model_uses_its_latest_checkpoint(tmp_path, traine
 def test_a_folder_with_no_model_exits_2(tmp_path, capsys, script):
     (tmp_path / "notes.txt").write_text("no model here")
     with pytest.raises(SystemExit) as exited:
-        load_script(script).main(["--checkpoint", str(tmp_path), "--prompt" if script == "run_infer" else "--task",
-                                  "hi" if script == "run_infer" else "perplexity"])
+        extra = ["--prompt", "hi"] if script == "run_infer" else ["--data_file", str(shared("tinyshakespeare/input.txt"))]
+        load_script(script).main(["--checkpoint", str(tmp_path), *extra])
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no model" in err[0]
@@ -250,3 +284,20 @@ def test_eval_tables_several_checkpoints(tmp_path, trained_run, tiny_gpt2, capsy
     qa = load_script("run_eval").main(["--checkpoint", str(trained_run), "--task", "qa", "--limit", "4",
                                        "--data_file", str(shared("qa/webglm_nq_open.jsonl")), "--max_new_tokens", "4"])
     assert qa[str(trained_run)]["examples"] == 4
+
+
+@pytest.mark.parametrize("case", ["qa answer past the context", "json object", "empty text", "missing text field"])
+def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, trained_run, capsys):
+    files = {"json object": ("o.json", '{"text": "hello"}'), "empty text": ("e.txt", ""),
+             "missing text field": ("m.jsonl", '{"text": "a"}\n{"body": "b"}\n'), "qa answer past the context": ("q.jsonl", "")}
+    name, content = files[case]
+    (tmp_path / name).write_text(content)
+    argv = ["--checkpoint", str(trained_run), "--task", "perplexity", "--data_file", str(tmp_path / name)]
+    if case == "qa answer past the context":
+        argv = ["--checkpoint", str(trained_run), "--task", "qa", "--data_file", str(shared("qa/webglm_nq_open.jsonl")),
+                "--limit", "2", "--max_new_tokens", "64"]  # the context is 64
+    with pytest.raises(SystemExit) as exited:
+        load_script("run_eval").main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
