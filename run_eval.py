@@ -83,9 +83,8 @@ def perplexity_text(args: EvalArguments, records: list[dict]) -> str:
     return text
 
 
-def evaluate_checkpoint(model, tokenizer, args: EvalArguments, records: list[dict], label: str) -> dict:
+def evaluate_checkpoint(model, tokenizer, args: EvalArguments, records: list[dict], label: str, text: str | None) -> dict:
     if args.task == "perplexity":
-        text = perplexity_text(args, records)
         with tqdm(desc=f"{label}: perplexity windows", unit="window") as bar:
             result = evaluation.sliding_window_perplexity(model, tokenizer, text, args.stride, progress=bar.update)
         return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
@@ -135,13 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     records = load_records(args)  # bad data fails before any model is loaded
     if not records:
         raise UsageError("no records to evaluate")
-    if args.task == "perplexity":
-        perplexity_text(args, records)
+    text = perplexity_text(args, records) if args.task == "perplexity" else None
     loaded = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in args.checkpoint]
     results = {}
     for path, model, tokenizer, _ in loaded:
         started = time.perf_counter()
-        metrics = evaluate_checkpoint(model, tokenizer, args, records, path)
+        metrics = evaluate_checkpoint(model, tokenizer, args, records, path, text)
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         results[path] = metrics
     print(f"\n{args.task} on {args.data_file or args.dataset_name or HUB_DEFAULTS.get(args.task, ('',))[0]}"

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def run(prompt_batch: list[str], stream: bool) -> list[dict]:
         records = []
-        for path, model, tokenizer, model_dir in models:
+        for _, model, tokenizer, model_dir in models:
             chat = args.chat and bool(tokenizer.chat_template)
             texts = [chat_prompt(tokenizer, p) for p in prompt_batch] if chat else prompt_batch
             stop = chat_end_token_id(tokenizer) if chat else None

@@ -66,7 +66,7 @@ def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
     quantization does not recognise; an equivalent nn.Linear lets every projection be quantized."""
     from transformers.pytorch_utils import Conv1D
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=child.bias is not None)

@@ -23,7 +23,6 @@ import torch
 from clmlab.cli import UsageError, first_line
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SPLITS = ("train", "validation")
 
 
 # --------------------------------------------------------------------------------------------------- documents

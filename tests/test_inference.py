@@ -14,7 +14,6 @@ import torch
 
 from conftest import REPO, shared
 from clmlab.checkpoints import find_model_dir, load_for_inference
-from clmlab.cli import UsageError
 from clmlab.evaluation import (
     encode_pair,
     hellaswag_example,
