@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save_pretrained(out)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
-    metrics = {**train_result.metrics, **final_evaluation(trainer)}
+    metrics = {**train_result.metrics, **run.final_evaluation(trainer)}
     trainer.save_state()
 
     if trainer.is_world_process_zero():
@@ -119,15 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Loss plot:  {out / PLOT_FILE}")
         print(f"Run record: {out / run.INFO_FILE}")
     return metrics
-
-
-def final_evaluation(trainer) -> dict:
-    """The evaluation at the last step, made again only if the Trainer did not already make it."""
-    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-    for entry in reversed(last):
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return {k: v for k, v in entry.items() if k.startswith("eval_")}
-    return trainer.evaluate()
 
 
 def describe_data(data_args) -> str:

@@ -2,9 +2,10 @@
 
 from callbacks.loss_plot import LossPlotCallback
 from callbacks.perplexity import PerplexityCallback
+from callbacks.samples import SamplesCallback
 from callbacks.throughput import ThroughputCallback
 
-__all__ = ["LossPlotCallback", "PerplexityCallback", "ThroughputCallback", "add_log_callbacks"]
+__all__ = ["LossPlotCallback", "PerplexityCallback", "SamplesCallback", "ThroughputCallback", "add_log_callbacks"]
 
 
 def add_log_callbacks(trainer, *log_callbacks) -> None:

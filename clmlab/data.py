@@ -125,7 +125,15 @@ def _select_text(dataset, text_column: str, where: str):
     return dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
 
 
-def _load_named_dataset(name: str, config: str | None, streaming: bool):
+def read_record_files(kind: str, files: list[str], flag: str, streaming: bool = False):
+    """json, jsonl or parquet files as one dataset of records."""
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+    except Exception as error:  # malformed JSON or parquet surfaces as several exception types
+        raise UsageError(f"could not read {flag} {files[0]}: {first_line(error)}") from None
+
+
+def load_named_dataset(name: str, config: str | None, streaming: bool):
     saved = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
     try:
         if saved:
@@ -196,14 +204,11 @@ def load_documents(data_args, streaming: bool = False) -> dict:
             if kind == "text":
                 loaded[split] = _text_file_documents(files, data_args.text_documents, data_args.document_separator, streaming)
             else:
-                try:
-                    raw = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
-                except Exception as error:  # malformed JSON or parquet surfaces as several exception types
-                    raise UsageError(f"could not read {flag} {files[0]}: {first_line(error)}") from None
+                raw = read_record_files(kind, files, flag, streaming)
                 loaded[split] = _select_text(raw, data_args.text_column, f"{flag} {files[0]}")
         train, validation = loaded["train"], loaded.get("validation")
     elif data_args.dataset_name:
-        loaded = _load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming)
+        loaded = load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming)
         where = f"dataset {data_args.dataset_name!r}"
         train = _select_text(loaded["train"], data_args.text_column, where)
         if "validation" in loaded:

@@ -144,15 +144,21 @@ def hellaswag_example(doc: dict) -> ChoiceExample:
     return ChoiceExample(hellaswag_preprocess(context), [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
 
 
-def multiple_choice_example(doc: dict) -> ChoiceExample:
-    """CommonsenseQA / ARC layouts: the original {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}
-    or the Hub's flat {"question": str, "choices": {"label": [...], "text": [...]}, "answerKey"}."""
-    question = doc["question"]
-    if isinstance(question, str):
-        stem, labels, texts = question, list(doc["choices"]["label"]), list(doc["choices"]["text"])
+def choice_fields(doc: dict, question: str = "question", choices: str = "choices", answer: str = "answerKey"):
+    """(stem, labels, texts, answer label) of a CommonsenseQA / ARC record in either layout: the original
+    {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"} or the Hub's flat
+    {"question": str, "choices": {"label": [...], "text": [...]}, "answerKey"}."""
+    value = doc[question]
+    if isinstance(value, str):
+        stem, labels, texts = value, list(doc[choices]["label"]), list(doc[choices]["text"])
     else:
-        stem, labels, texts = question["stem"], [c["label"] for c in question["choices"]], [c["text"] for c in question["choices"]]
-    return ChoiceExample(f"Question: {stem}\nAnswer:", texts, labels.index(doc["answerKey"]))
+        stem, labels, texts = value["stem"], [c["label"] for c in value["choices"]], [c["text"] for c in value["choices"]]
+    return stem, labels, texts, doc[answer]
+
+
+def multiple_choice_example(doc: dict) -> ChoiceExample:
+    stem, labels, texts, answer = choice_fields(doc)
+    return ChoiceExample(f"Question: {stem}\nAnswer:", texts, labels.index(answer))
 
 
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16,

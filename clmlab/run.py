@@ -142,6 +142,16 @@ def clear_output_dir(output_dir: str) -> None:
 # --------------------------------------------------------------------------------------------------- run records
 
 
+def final_evaluation(trainer) -> dict:
+    """The evaluation at the last step, made again only if the Trainer did not already make it."""
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    for entry in reversed(last):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+
 def package_versions() -> dict:
     versions = {"python": platform.python_version()}
     for name in PACKAGES:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Instruction-tune a causal LM, with the loss on response tokens only.
+
+    python run_sft.py --model_name_or_path runs/quickstart --train_files ../shared/data/instruct/instruction-data.json
+    python run_sft.py --model_name_or_path runs/base --format chat --train_files chats.jsonl --lora_r 16 --learning_rate 2e-4
+    accelerate launch run_sft.py --model_name_or_path openai-community/gpt2 --dataset_name tatsu-lab/alpaca --bf16 true
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_utils import IntervalStrategy
+
+from callbacks import LossPlotCallback, PerplexityCallback, SamplesCallback, ThroughputCallback, add_log_callbacks
+from clmlab import data, modeling, run, sft
+from clmlab.args import SftDataArguments, SftModelArguments, SftTrainingArguments
+from clmlab.cli import UsageError, exits_on_usage_error, parse_args
+from clmlab.generation import DecodingSettings
+from clmlab.tokenizer import load_tokenizer
+
+logger = logging.getLogger("run_sft")
+
+
+@exits_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, args = parse_args([SftModelArguments, SftDataArguments, SftTrainingArguments],
+                                             sys.argv[1:] if argv is None else argv, prog="run_sft.py")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    started = time.time()
+
+    # 1. Everything that can be checked without reading data, before anything is written.
+    fmt = sft.FORMATS[data_args.format]
+    style = sft.STYLES[fmt.style]
+    columns = sft.column_names(data_args)
+    if data_args.num_samples < 0 or model_args.lora_r < 0:
+        raise UsageError("--num_samples and --lora_r must be 0 or more")
+    model_dir, tokenizer_dir = sft.model_location(model_args.model_name_or_path)
+    resolved = run.resolved_arguments(model_args, data_args, args)
+    plan = run.plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if plan.finished:
+        print(f"{args.output_dir} holds this run, finished: eval loss {plan.finished['eval_loss_after']}. "
+              "Nothing to do; pass --overwrite_output_dir true to train it again.")
+        return plan.finished["final_metrics"]
+    if plan.resume_from:
+        args.eval_on_start = False  # the first evaluation is already in the checkpoint's log history
+
+    # 2. Tokenizer with the template's tokens, model, examples as segments (prompt masked) of tokens.
+    tokenizer = load_tokenizer(model_args.tokenizer_name or tokenizer_dir)
+    added_ids = sft.prepare_tokenizer(tokenizer, style)
+    model = sft.load_model(model_dir, tokenizer, style, args.seed)
+    max_length = sft.check_max_length(data_args.max_length, model.config)
+    with args.main_process_first(desc="tokenizing examples"):
+        examples = sft.build_sft_datasets(sft.load_records(data_args), tokenizer, data_args, max_length)
+    for split, counts in examples.stats.items():
+        logger.info(f"{split}: {counts['kept']:,} examples ({counts['dropped']:,} dropped: response cut away by --max_length "
+                    f"{max_length}; {counts['truncated']:,} truncated), {counts['trained_tokens']:,} trained and "
+                    f"{counts['masked_tokens']:,} masked tokens")
+    if model_args.lora_r:
+        model = sft.add_lora(model, model_args, added_ids)
+    if examples.validation is None:
+        logger.warning("no validation examples: no eval loss, and the samples are answers to training prompts")
+        args.eval_strategy, args.eval_on_start = IntervalStrategy.NO, False
+
+    # 3. Train; answer a few held-out prompts before and after.
+    if plan.clear_first and args.should_save:
+        run.clear_output_dir(args.output_dir)
+    out = Path(args.output_dir)
+    trainer = Trainer(model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
+                      eval_dataset=examples.validation.select_columns(sft.MODEL_COLUMNS) if examples.validation else None,
+                      processing_class=tokenizer, data_collator=sft.PadToLongestCollator(tokenizer.pad_token_id))
+    add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
+    trainer.add_callback(LossPlotCallback(f"{fmt.name} instruction tuning - {Path(model_args.model_name_or_path).name}"))
+    held_out = examples.validation or examples.train
+    shown = held_out.select(range(min(data_args.num_samples, len(held_out))))
+    end_id = tokenizer.convert_tokens_to_ids(style.end_token(tokenizer))
+    trainer.add_callback(SamplesCallback(out / sft.SAMPLES_FILE, shown["prompt"], shown["reference"], tokenizer,
+                                         DecodingSettings(max_new_tokens=data_args.sample_max_new_tokens, do_sample=False), end_id))
+    info = {
+        "status": "running", "command": run.command_line(), "arguments": resolved, "versions": run.package_versions(),
+        "git": run.git_commit(), "resumed_from": plan.resume_from,
+        "data": {"format": fmt.name, "template": style.name, "columns": columns, "sources": data.describe_sources(data_args),
+                 "max_length": max_length, "train_on_prompt": data_args.train_on_prompt, **examples.stats},
+        "model": {"from": model_dir, "parameters": modeling.parameter_count(model),
+                  "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "added_tokens": tokenizer.convert_ids_to_tokens(added_ids), "end_token": style.end_token(tokenizer),
+                  "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha} if model_args.lora_r else None},
+    }
+    if trainer.is_world_process_zero():
+        run.write_json(out / run.ARGS_FILE, resolved)
+        run.write_json(out / run.INFO_FILE, info)
+        tokenizer.save_pretrained(out)  # with the chat template: the prompt layout travels with the model
+    train_result = trainer.train(resume_from_checkpoint=plan.resume_from)
+    sft.save_tuned_model(trainer, args.output_dir)
+    metrics = {**train_result.metrics, **(run.final_evaluation(trainer) if examples.validation else {})}
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+        info.update(status="finished", wall_seconds=round(time.time() - started, 1), final_metrics=metrics,
+                    eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"),
+                    tokens_seen=trainer.state.num_input_tokens_seen)
+        run.write_json(out / run.INFO_FILE, info)
+        if 0 in evals:
+            print(f"\nEval loss on response tokens: {evals[0]:.4f} before, {metrics['eval_loss']:.4f} after "
+                  f"{trainer.state.global_step} steps.")
+        print(f"Model:   {out}/  (run_infer.py --checkpoint {out} --chat, or transformers.pipeline)")
+        print(f"Samples: {out / sft.SAMPLES_FILE}  (held-out prompts answered before and after)")
+        print(f"Record:  {out / run.INFO_FILE}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
