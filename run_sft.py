@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Everything that can be checked without reading data, before anything is written.
     fmt = sft.FORMATS[data_args.format]
     style = sft.STYLES[fmt.style]
-    columns = sft.column_names(data_args)
-    if data_args.num_samples < 0 or model_args.lora_r < 0:
-        raise UsageError("--num_samples and --lora_r must be 0 or more")
+    columns = sft.check_data_arguments(data_args)
+    if model_args.lora_r < 0:
+        raise UsageError("--lora_r must be 0 (no LoRA) or more")
     model_dir, tokenizer_dir = sft.model_location(model_args.model_name_or_path)
     resolved = run.resolved_arguments(model_args, data_args, args)
     plan = run.plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)

@@ -347,24 +347,39 @@ class SftData:
 MODEL_COLUMNS = ["input_ids", "labels"]
 
 
-def load_records(data_args) -> dict:
-    """{"train": records, "validation": records or None}, from local files or a Hub/saved dataset."""
+def check_data_arguments(data_args) -> dict[str, str]:
+    """What can be checked before any data is read; the format's fields mapped to the data's columns."""
     if bool(data_args.dataset_name) == bool(data_args.train_files):
         raise UsageError("give the instruction data with --train_files (json, jsonl, parquet) or --dataset_name, one of the two")
     if data_args.validation_files and not data_args.train_files:
         raise UsageError("--validation_files needs --train_files")
     if not 0 <= data_args.validation_split_percentage < 100:
         raise UsageError("--validation_split_percentage must be at least 0 and below 100")
+    if data_args.num_samples < 0:
+        raise UsageError("--num_samples must be 0 or more")
+    _record_files(data_args)
+    return column_names(data_args)
+
+
+def _record_files(data_args) -> dict[str, tuple[str, list[str]]]:
+    found = {}
+    for split, patterns in (("train", data_args.train_files), ("validation", data_args.validation_files)):
+        if patterns:
+            flag = f"--{split}_files"
+            files = data.resolve_files(patterns, flag)
+            kind = data.file_format(files, flag)
+            if kind == "text":
+                raise UsageError(f"{flag} {files[0]}: instruction data is records; give .json, .jsonl or .parquet files")
+            found[split] = (kind, files)
+    return found
+
+
+def load_records(data_args) -> dict:
+    """{"train": records, "validation": records or None}, from local files or a Hub/saved dataset."""
+    check_data_arguments(data_args)
     if data_args.train_files:
-        loaded = {}
-        for split, patterns in (("train", data_args.train_files), ("validation", data_args.validation_files)):
-            if patterns:
-                flag = f"--{split}_files"
-                files = data.resolve_files(patterns, flag)
-                kind = data.file_format(files, flag)
-                if kind == "text":
-                    raise UsageError(f"{flag} {files[0]}: instruction data is records; give .json, .jsonl or .parquet files")
-                loaded[split] = data.read_record_files(kind, files, flag)
+        loaded = {split: data.read_record_files(kind, files, f"--{split}_files")
+                  for split, (kind, files) in _record_files(data_args).items()}
         return {"train": loaded["train"], "validation": loaded.get("validation")}
     loaded = data.load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=False)
     return {"train": loaded["train"], "validation": loaded.get("validation")}

@@ -1,0 +1,234 @@
+"""Instruction-tuning data: which tokens are trained, for every format, checked against text the test writes
+out itself; the collator; truncation; the chat template saved with the tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import shared
+from clmlab import sft
+from clmlab.args import SftDataArguments
+from clmlab.cli import UsageError
+from clmlab.generation import chat_end_token_id
+
+EOS = "<|endoftext|>"
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:\n")
+
+
+@pytest.fixture
+def tokenizer():
+    return AutoTokenizer.from_pretrained(shared("tiny_gpt2_random"))  # the GPT-2 tokenizer; no pad token
+
+
+def read_records(relative: str, n: int) -> list[dict]:
+    path = shared(relative)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())[:n]
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+def build(tmp_path, tokenizer, records, fmt, max_length=1024, **data_args):
+    """Examples as run_sft.py makes them, every one kept in the training split."""
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = SftDataArguments(format=fmt, train_files=[str(path)], validation_split_percentage=0, **data_args)
+    sft.prepare_tokenizer(tokenizer, sft.STYLES[sft.FORMATS[fmt].style])
+    return sft.build_sft_datasets(sft.load_records(args), tokenizer, args, max_length)
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def spans(tokenizer, example) -> list[tuple[bool, str]]:
+    """The example's text as contiguous runs of trained and masked tokens."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        trained = label != sft.IGNORE_INDEX
+        if trained:
+            assert label == token
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return [(trained, decode(tokenizer, ids)) for trained, ids in runs]
+
+
+def expected_alpaca(record):
+    template = ALPACA_INPUT if record["input"].strip() else ALPACA
+    return template.format(**record), record["output"] + EOS
+
+
+def expected_qa(record):
+    refs = record.get("references") or []
+    listed = "".join(f"[{i}] {r}\n" for i, r in enumerate(refs, 1))
+    answer = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
+    return (f"References:\n{listed}\n" if refs else "") + f"Question: {record['question']}\nAnswer:", f" {answer}{EOS}"
+
+
+def expected_choice(record):
+    question = record["question"]
+    lines = "".join(f"\n{c['label']}. {c['text']}" for c in question["choices"])
+    return f"Question: {question['stem']}{lines}\nAnswer:", f" {record['answerKey']}{EOS}"
+
+
+CHAT_RECORDS = [{"prompt": "What is the capital of France?", "completion": "Paris."},
+                {"prompt": "Write a haiku about rain.", "completion": "Soft rain on the roof,\n  drops count\tthe hours - 雨"}]
+QA_RECORDS = [{"question": "Who wrote Hamlet?", "answer": "William Shakespeare",
+               "references": ["Hamlet is a tragedy by William Shakespeare.", "It was written around 1600."]},
+              {"question": "What is H2O?", "answer": "Water"}]
+
+
+def single_turn_cases():
+    return [
+        ("alpaca", lambda: read_records("instruct/instruction-data.json", 60), expected_alpaca),
+        ("multiple_choice", lambda: read_records("commonsenseqa/dev_rand_split.jsonl", 40), expected_choice),
+        ("qa", lambda: read_records("qa/webglm_nq_open.jsonl", 40) + QA_RECORDS, expected_qa),
+        ("chat", lambda: CHAT_RECORDS,
+         lambda r: (f"<|user|>\n{r['prompt']}<|end|>\n<|assistant|>\n", r["completion"] + "<|end|>")),
+        ("prompt_completion", lambda: [{"prompt": "The capital of France is", "completion": " Paris."},
+                                       {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"}],
+         lambda r: (r["prompt"], r["completion"] + EOS)),
+    ]
+
+
+@pytest.mark.parametrize("fmt,records,expected", single_turn_cases(), ids=[c[0] for c in single_turn_cases()])
+def test_trained_tokens_are_exactly_the_response_and_its_end_token(tmp_path, tokenizer, fmt, records, expected):
+    records = records()
+    examples = build(tmp_path, tokenizer, records, fmt).train
+    assert len(examples) == len(records)
+    for record, example in zip(records, examples):
+        prompt, response = expected(record)
+        got = spans(tokenizer, example)
+        if fmt == "chat":  # the newline the template writes after <|end|> is masked
+            assert got == [(False, prompt), (True, response), (False, "\n")]
+        else:
+            assert got == [(False, prompt), (True, response)]
+        assert example["prompt"] == prompt
+
+
+def test_multi_turn_trains_every_assistant_turn_and_nothing_else(tmp_path, tokenizer):
+    conversation = [{"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    examples = build(tmp_path, tokenizer, [{"messages": conversation}], "messages").train
+    assert spans(tokenizer, examples[0]) == [
+        (False, "<|system|>\nYou are terse.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\n"), (True, "Hello.<|end|>"),
+        (False, "\n<|user|>\n2+2?<|end|>\n<|assistant|>\n"), (True, "4<|end|>"), (False, "\n")]
+    # The samples prompt the model for the last answer with the whole conversation before it.
+    assert examples[0]["prompt"] == ("<|system|>\nYou are terse.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
+                                     "<|user|>\n2+2?<|end|>\n<|assistant|>\n")
+    assert examples[0]["reference"] == "4"
+
+
+def test_train_on_prompt_trains_every_token_and_tokenizes_the_same(tmp_path, tokenizer):
+    records = read_records("instruct/instruction-data.json", 10)
+    masked = build(tmp_path, tokenizer, records, "alpaca").train
+    full = build(tmp_path, tokenizer, records, "alpaca", train_on_prompt=True).train
+    assert full["input_ids"] == masked["input_ids"]
+    assert all(labels == ids for labels, ids in zip(full["labels"], full["input_ids"]))
+
+
+def test_truncation_drops_examples_left_without_response_and_counts_them(tmp_path, tokenizer):
+    records = read_records("instruct/instruction-data.json", 300)
+    max_length = 60
+    data = build(tmp_path, tokenizer, records, "alpaca", max_length=max_length)
+    prompt_lengths = [len(tokenizer(expected_alpaca(r)[0])["input_ids"]) for r in records]
+    total_lengths = [p + len(tokenizer(r["output"])["input_ids"]) + 1 for p, r in zip(prompt_lengths, records)]
+    dropped = sum(n >= max_length for n in prompt_lengths)
+    assert 0 < dropped < len(records)
+    stats = data.stats["train"]
+    assert stats["examples"] == len(records) and stats["dropped"] == dropped and stats["kept"] == len(records) - dropped
+    assert stats["truncated"] == sum(p < max_length < t for p, t in zip(prompt_lengths, total_lengths)) > 0
+    assert all(0 < len(ids) <= max_length for ids in data.train["input_ids"])
+    assert stats["trained_tokens"] + stats["masked_tokens"] == stats["tokens"] == sum(map(len, data.train["input_ids"]))
+    # Every batch, however the examples fall, has a trained token: no NaN loss.
+    collate = sft.PadToLongestCollator(tokenizer.pad_token_id)
+    for start in range(0, len(data.train), 4):
+        batch = collate([data.train[i] for i in range(start, min(start + 4, len(data.train)))])
+        assert (batch["labels"] != sft.IGNORE_INDEX).sum() > 0
+
+
+def test_pad_equal_to_eos_still_trains_the_eos(tmp_path, tokenizer):
+    records = [{"prompt": "Q: one\nA:", "completion": " 1"}, {"prompt": "Q: a longer question here\nA:", "completion": " a longer answer"}]
+    examples = build(tmp_path, tokenizer, records, "prompt_completion").train
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # GPT-2 has no pad token: EOS stands in
+    batch = sft.PadToLongestCollator(tokenizer.pad_token_id)([examples[0], examples[1]])
+    n = len(examples[0]["input_ids"])
+    assert n < batch["input_ids"].shape[1]
+    assert batch["input_ids"][0, n - 1] == tokenizer.eos_token_id and batch["labels"][0, n - 1] == tokenizer.eos_token_id
+    assert batch["labels"][1, -1] == tokenizer.eos_token_id  # the longer example's EOS, unpadded
+    assert (batch["labels"][0, n:] == sft.IGNORE_INDEX).all() and (batch["input_ids"][0, n:] == tokenizer.eos_token_id).all()
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert batch["labels"][0, :n].tolist() == examples[0]["labels"]
+
+
+def conversations():
+    chosen = read_records("instruct/instruction-data.json", 8)
+    return [
+        ("alpaca", [r for r in chosen if r["input"]][:2] + [r for r in chosen if not r["input"]][:2]),
+        ("chat", CHAT_RECORDS),
+        ("messages", [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                                    {"role": "assistant", "content": "Bye!"}]}]),
+        ("prompt_completion", [{"prompt": "1, 2, 3,", "completion": " 4"}]),
+        ("qa", QA_RECORDS),
+        ("multiple_choice", read_records("commonsenseqa/dev_rand_split.jsonl", 2)),
+    ]
+
+
+@pytest.mark.parametrize("fmt,records", conversations(), ids=[c[0] for c in conversations()])
+def test_saved_chat_template_renders_the_training_text(tmp_path, tokenizer, fmt, records):
+    examples = build(tmp_path, tokenizer, records, fmt).train
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    columns = sft.FORMATS[fmt].fields
+    for record, example in zip(records, examples):
+        messages = sft.FORMATS[fmt].to_messages(record, columns)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = saved.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        assert prompt == example["prompt"]
+        assert saved.apply_chat_template(messages, tokenize=False) == decode(saved, example["input_ids"])
+        if last == 1:  # single turn: the prompt is exactly the masked tokens
+            assert spans(saved, example)[0] == (False, prompt)
+    end = "<|end|>" if sft.FORMATS[fmt].style == "chat" else EOS
+    assert chat_end_token_id(saved) == saved.convert_tokens_to_ids(end)  # where run_infer.py --chat stops
+
+
+def test_validation_split_keeps_each_prompt_on_one_side(tokenizer):
+    path = shared("instruct/instruction-data.json")
+    args = SftDataArguments(train_files=[str(path)], validation_split_percentage=30)
+    sft.prepare_tokenizer(tokenizer, sft.STYLES["alpaca"])
+    data = sft.build_sft_datasets(sft.load_records(args), tokenizer, args, 1024)
+    train, validation = set(data.train["prompt"]), set(data.validation["prompt"])
+    assert not train & validation
+    assert 200 < len(data.validation) < 460 and len(data.train) + len(data.validation) == 1100
+    assert len(train) < len(data.train)  # the file repeats some prompts; repeats stay together
+
+
+def test_field_names_map_other_columns(tmp_path, tokenizer):
+    records = [{"task": "Add 1 and 2.", "context": "", "answer": "3"}]
+    examples = build(tmp_path, tokenizer, records, "alpaca", field_names="instruction=task,input=context,output=answer").train
+    assert spans(tokenizer, examples[0]) == [(False, ALPACA.format(instruction="Add 1 and 2.")), (True, "3" + EOS)]
+    chat = build(tmp_path, tokenizer, [{"q": "Hi", "a": "Hello"}], "chat", prompt_column="q", completion_column="a").train
+    assert spans(tokenizer, chat[0])[1] == (True, "Hello<|end|>")
+
+
+@pytest.mark.parametrize("fmt,records,kwargs,message", [
+    ("alpaca", [{"prompt": "x", "completion": "y"}], {}, "reads the columns 'instruction', 'output'"),
+    ("alpaca", [{"instruction": "x", "output": "y"}], {"field_names": "answer=output"}, "has the fields"),
+    ("qa", [{"question": "x", "answer": "y"}], {"prompt_column": "x"}, "--prompt_column is for --format chat"),
+    ("messages", [{"messages": [{"role": "user", "content": "only a question"}]}], {}, "no assistant turn"),
+    ("multiple_choice", [{"question": {"stem": "s", "choices": [{"label": "A", "text": "t"}]}, "answerKey": "B"}], {},
+     "is not one of the choice labels"),
+])
+def test_bad_examples_are_one_clear_error(tmp_path, tokenizer, fmt, records, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        build(tmp_path, tokenizer, records, fmt, **kwargs)
