@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\nEval loss on response tokens: {evals[0]:.4f} before, {metrics['eval_loss']:.4f} after "
                   f"{trainer.state.global_step} steps.")
         print(f"Model:   {out}/  (run_infer.py --checkpoint {out} --chat, or transformers.pipeline)")
-        print(f"Samples: {out / sft.SAMPLES_FILE}  (held-out prompts answered before and after)")
+        if len(shown):
+            print(f"Samples: {out / sft.SAMPLES_FILE}  (held-out prompts answered before and after)")
         print(f"Record:  {out / run.INFO_FILE}")
     return metrics
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from transformers import TrainerCallback
 
 from clmlab.generation import DecodingSettings, generate
+from clmlab.modeling import context_length
 
 
 def read_samples(path: str | Path) -> list[dict]:
@@ -29,10 +31,15 @@ class SamplesCallback(TrainerCallback):
         self.tokenizer, self.settings, self.stop_token_id = tokenizer, settings, stop_token_id
 
     def _answers(self, model) -> list[str]:
+        # Shorter answers rather than prompts cut from the left: a prompt without its start is not the
+        # prompt the model was trained on.
+        longest = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self.prompts)
+        room = (context_length(model.config) or 1024) - longest
+        settings = replace(self.settings, max_new_tokens=max(1, min(self.settings.max_new_tokens, room)))
         was_training = model.training
         model.eval()
         try:
-            answers = generate(model, self.tokenizer, self.prompts, self.settings, stop_token_id=self.stop_token_id)
+            answers = generate(model, self.tokenizer, self.prompts, settings, stop_token_id=self.stop_token_id)
         finally:
             model.train(was_training)
         return [texts[0] for texts in answers]
