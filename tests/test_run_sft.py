@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
@@ -100,6 +102,35 @@ def test_lora_chat_run_saves_a_merged_plain_model(tmp_path, base_model):
     assert end in model.generation_config.eos_token_id  # pipeline() stops at the end of the answer
     assert tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 plus 1?"}], tokenize=False,
                                          add_generation_prompt=True) == "<|user|>\nWhat is 1 plus 1?<|end|>\n<|assistant|>\n"
+
+
+def test_resumed_lora_run_reproduces_the_uninterrupted_run(tmp_path, base_model):
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n" for a in range(8) for b in range(8)))
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    common = ["--model_name_or_path", base_model, "--format", "chat", "--train_files", data, "--lora_r", 4,
+              "--learning_rate", "5e-3", "--max_steps", 12, "--save_steps", 6, "--eval_steps", 6, "--logging_steps", 1,
+              "--num_samples", 2, "--sample_max_new_tokens", 4, *QUIET]
+    run_sft(*common, "--output_dir", whole)
+    # The same run killed after checkpoint-6: that checkpoint, the run's records and the first samples remain.
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-6", resumed / "checkpoint-6")
+    for name in ("run_args.json", "samples.jsonl"):
+        shutil.copy(whole / name, resumed / name)
+    first = [{**json.loads(line), "before": f"answer {i} of the first start", "after": None}
+             for i, line in enumerate((whole / "samples.jsonl").read_text().splitlines())]
+    (resumed / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
+    run_sft(*common, "--output_dir", resumed)
+    assert "checkpoint-6" in json.loads((resumed / "run_info.json").read_text())["resumed_from"]
+    losses = [{e["step"]: e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+              for out in (whole, resumed)]
+    assert len(losses[0]) == 12 and losses[1] == losses[0]
+    samples = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] for out in (whole, resumed)]
+    assert len(samples[1]) == len(samples[0]) >= 1
+    assert [s["before"] for s in samples[1]] == [f"answer {i} of the first start" for i in range(len(samples[0]))]
+    assert [s["after"] for s in samples[1]] == [s["after"] for s in samples[0]]
+    with safe_open(whole / "model.safetensors", "pt") as a, safe_open(resumed / "model.safetensors", "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
 @pytest.mark.parametrize("args,message", [
