@@ -21,6 +21,7 @@ from clmlab import data, modeling, run, sft
 from clmlab.args import SftDataArguments, SftModelArguments, SftTrainingArguments
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args
 from clmlab.generation import DecodingSettings
+from clmlab.templates import STYLES
 from clmlab.tokenizer import load_tokenizer
 
 logger = logging.getLogger("run_sft")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. Everything that can be checked without reading data, before anything is written.
     fmt = sft.FORMATS[data_args.format]
-    style = sft.STYLES[fmt.style]
+    style = STYLES[fmt.style]
     columns = sft.check_data_arguments(data_args)
     if model_args.lora_r < 0:
         raise UsageError("--lora_r must be 0 (no LoRA) or more")
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     with args.main_process_first(desc="tokenizing examples"):
         examples = sft.build_sft_datasets(sft.load_records(data_args), tokenizer, data_args, max_length)
     for split, counts in examples.stats.items():
+        limited = f", the first {counts['used']:,} used" if counts["used"] < counts["kept"] else ""
         logger.info(f"{split}: {counts['kept']:,} examples ({counts['dropped']:,} dropped: response cut away by --max_length "
-                    f"{max_length}; {counts['truncated']:,} truncated), {counts['trained_tokens']:,} trained and "
+                    f"{max_length}; {counts['truncated']:,} truncated{limited}), {counts['trained_tokens']:,} trained and "
                     f"{counts['masked_tokens']:,} masked tokens")
     if model_args.lora_r:
         model = sft.add_lora(model, model_args, added_ids)

@@ -1,16 +1,15 @@
-"""Instruction tuning data: records -> chat messages -> segments, each trained or not -> tokens and labels.
+"""Instruction tuning: records -> chat messages -> segments, each trained or not -> tokens and labels; the
+collator, and the model around them.
 
 Each segment is tokenized on its own and the pieces are concatenated, so the tokens with label -100 are
 exactly the prompt's: nothing searches for a response marker that could tokenize differently in context.
-The same prompt layout is written once more as a Jinja chat template that is saved with the tokenizer, so
-`run_infer.py --chat`, `tokenizer.apply_chat_template` and `transformers.pipeline` prompt the tuned model
-exactly as it was trained (tests/test_sft.py holds the two renderings to each other).
+The layout of the segments is a prompt template (clmlab.templates), saved with the tokenizer as its chat
+template, so the tuned model is prompted at inference exactly as it was trained.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,138 +24,11 @@ from clmlab.checkpoints import find_model_dir
 from clmlab.cli import UsageError, first_line
 from clmlab.evaluation import choice_fields
 from clmlab.modeling import context_length
+from clmlab.templates import STYLES, PromptStyle, Segment
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 ROLES = ("system", "user", "assistant")
-END_OF_TURN = "<|end|>"
-CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN)
 SAMPLES_FILE = "samples.jsonl"
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Segment:
-    text: str
-    trained: bool
-
-
-# ----------------------------------------------------------------------------------------- prompt templates
-
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.\n\n")
-ALPACA_PREAMBLE_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                              "further context. Write a response that appropriately completes the request.\n\n")
-
-
-def _alpaca_prompt(message: dict) -> str:
-    if message.get("input"):
-        return (f"{ALPACA_PREAMBLE_WITH_INPUT}### Instruction:\n{message['content']}\n\n"
-                f"### Input:\n{message['input']}\n\n### Response:\n")
-    return f"{ALPACA_PREAMBLE}### Instruction:\n{message['content']}\n\n### Response:\n"
-
-
-def _chat_prompt(message: dict) -> str:
-    return f"<|{message['role']}|>\n{message['content']}{END_OF_TURN}\n"
-
-
-def _qa_prompt(message: dict) -> str:
-    references = message.get("references") or []
-    listed = "".join(f"[{i}] {reference}\n" for i, reference in enumerate(references, 1))
-    return (f"References:\n{listed}\n" if references else "") + f"Question: {message['content']}\nAnswer:"
-
-
-def _plain_prompt(message: dict) -> str:
-    return message["content"]
-
-
-def _jinja(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid Jinja string literal
-
-
-# The Jinja twins of the Python renderers above, saved as the tokenizer's chat template.
-ALPACA_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
-    "{%- elif message.get('input') -%}{{ " + _jinja(ALPACA_PREAMBLE_WITH_INPUT + "### Instruction:\n")
-    + " + message['content'] + " + _jinja("\n\n### Input:\n") + " + message['input'] + " + _jinja("\n\n### Response:\n") + " }}"
-    "{%- else -%}{{ " + _jinja(ALPACA_PREAMBLE + "### Instruction:\n") + " + message['content'] + "
-    + _jinja("\n\n### Response:\n") + " }}"
-    "{%- endif -%}{%- endfor -%}"
-)
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
-)
-QA_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ ' ' + message['content'] + eos_token }}"
-    "{%- else -%}"
-    "{%- if message.get('references') -%}{{ 'References:\\n' }}"
-    "{%- for reference in message['references'] -%}{{ '[' + loop.index|string + '] ' + reference + '\\n' }}{%- endfor -%}"
-    "{{ '\\n' }}{%- endif -%}"
-    "{{ 'Question: ' + message['content'] + '\\nAnswer:' }}"
-    "{%- endif -%}{%- endfor -%}"
-)
-PLAIN_TEMPLATE = (
-    "{%- for message in messages -%}{{ message['content'] }}"
-    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}{%- endfor -%}"
-)
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How a conversation is laid out in text: the prompt of each non-assistant turn, what opens and closes an
-    assistant's response, and the same layout as a Jinja chat template."""
-
-    name: str
-    render_prompt: Callable[[dict], str]
-    template: str
-    generation_prompt: str = ""  # untrained text before each response (the template's add_generation_prompt)
-    response_prefix: str = ""  # trained text before each response, e.g. the space after "Answer:"
-    end_of_turn: str | None = None  # trained after each response; None: the tokenizer's EOS
-    after_turn: str = ""  # untrained text after the end token
-    special_tokens: tuple[str, ...] = ()  # added to the tokenizer (and the embeddings) when missing
-
-    def end_token(self, tokenizer) -> str:
-        return self.end_of_turn or tokenizer.eos_token
-
-    def segments(self, messages: Sequence[dict], end_token: str) -> list[Segment]:
-        pieces: list[Segment] = []
-        for message in messages:
-            if message["role"] == "assistant":
-                pieces += [Segment(self.generation_prompt, False), Segment(self.response_prefix + message["content"], True),
-                           Segment(end_token, True), Segment(self.after_turn, False)]
-            else:
-                pieces.append(Segment(self.render_prompt(message), False))
-        return _merge([p for p in pieces if p.text])
-
-    def prompt_text(self, messages: Sequence[dict], end_token: str) -> str:
-        """The text a model is given to write the next response: what the template renders with
-        add_generation_prompt."""
-        return "".join(s.text for s in self.segments(messages, end_token)) + self.generation_prompt
-
-
-def _merge(segments: list[Segment]) -> list[Segment]:
-    """Join neighbours of the same kind, so a prompt that spans several turns is tokenized as one string, as
-    it is when the template renders it at inference."""
-    merged: list[Segment] = []
-    for segment in segments:
-        if merged and merged[-1].trained == segment.trained:
-            merged[-1] = Segment(merged[-1].text + segment.text, segment.trained)
-        else:
-            merged.append(segment)
-    return merged
-
-
-STYLES = {
-    "alpaca": PromptStyle("alpaca", _alpaca_prompt, ALPACA_TEMPLATE),
-    "chat": PromptStyle("chat", _chat_prompt, CHAT_TEMPLATE, generation_prompt="<|assistant|>\n", end_of_turn=END_OF_TURN,
-                        after_turn="\n", special_tokens=CHAT_TOKENS),
-    "qa": PromptStyle("qa", _qa_prompt, QA_TEMPLATE, response_prefix=" "),
-    "plain": PromptStyle("plain", _plain_prompt, PLAIN_TEMPLATE),
-}
 
 
 # ----------------------------------------------------------------------------------------- formats
@@ -330,11 +202,13 @@ class SftEncoder:
         return out
 
 
-def split_stats(encoded: datasets.Dataset, kept: datasets.Dataset) -> dict:
-    tokens = sum(len(ids) for ids in kept["input_ids"])
-    trained = sum(kept["trained_tokens"])
-    return {"examples": len(encoded), "kept": len(kept), "dropped": len(encoded) - len(kept),
-            "truncated": sum(kept["truncated"]), "tokens": tokens, "trained_tokens": trained, "masked_tokens": tokens - trained}
+def split_stats(encoded: datasets.Dataset, kept: datasets.Dataset, used: datasets.Dataset) -> dict:
+    """Examples read, dropped (no response token left), truncated and kept; then the examples used (the
+    first --max_*_samples of those kept) and their tokens, trained and masked."""
+    tokens = sum(len(ids) for ids in used["input_ids"])
+    trained = sum(used["trained_tokens"])
+    return {"examples": len(encoded), "dropped": len(encoded) - len(kept), "truncated": sum(kept["truncated"]),
+            "kept": len(kept), "used": len(used), "tokens": tokens, "trained_tokens": trained, "masked_tokens": tokens - trained}
 
 
 @dataclass
@@ -409,9 +283,9 @@ def build_sft_datasets(records: dict, tokenizer, data_args, max_length: int) -> 
         # An example whose response was cut away entirely has no token to learn from (and a batch of only
         # such examples would give a NaN loss): dropped, and counted.
         kept[split] = encoded[split].filter(lambda n: [x > 0 for x in n], input_columns="response_tokens", batched=True)
-        if limit is not None:
-            kept[split] = kept[split].select(range(min(limit, len(kept[split]))))
-        stats[split] = split_stats(encoded[split], kept[split])
+        used = kept[split].select(range(min(limit, len(kept[split])))) if limit is not None else kept[split]
+        stats[split] = split_stats(encoded[split], kept[split], used)
+        kept[split] = used
     if not len(kept["train"]):
         raise UsageError(f"no training example keeps a response token within --max_length {max_length}; raise --max_length")
     return SftData(kept["train"], kept["validation"] if len(kept["validation"]) else None, stats)

@@ -59,7 +59,8 @@ def test_alpaca_tuning_lowers_eval_loss_and_records_what_was_trained(tmp_path, b
 
     train, validation = info["data"]["train"], info["data"]["validation"]
     assert train["examples"] + validation["examples"] == 1100
-    assert validation["kept"] == 24 and train["dropped"] > 0 and train["kept"] + train["dropped"] == train["examples"]
+    assert validation["used"] == 24 < validation["kept"] and train["used"] == train["kept"]
+    assert train["dropped"] > 0 and train["kept"] + train["dropped"] == train["examples"]
     assert train["trained_tokens"] + train["masked_tokens"] == train["tokens"] and 0 < train["trained_tokens"] < train["masked_tokens"]
     assert info["data"]["format"] == "alpaca" and info["model"]["end_token"] == "<|endoftext|>"
 

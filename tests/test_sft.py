@@ -13,6 +13,7 @@ from clmlab import sft
 from clmlab.args import SftDataArguments
 from clmlab.cli import UsageError
 from clmlab.generation import chat_end_token_id
+from clmlab.templates import STYLES
 
 EOS = "<|endoftext|>"
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -39,7 +40,7 @@ def build(tmp_path, tokenizer, records, fmt, max_length=1024, **data_args):
     path = tmp_path / f"{fmt}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     args = SftDataArguments(format=fmt, train_files=[str(path)], validation_split_percentage=0, **data_args)
-    sft.prepare_tokenizer(tokenizer, sft.STYLES[sft.FORMATS[fmt].style])
+    sft.prepare_tokenizer(tokenizer, STYLES[sft.FORMATS[fmt].style])
     return sft.build_sft_datasets(sft.load_records(args), tokenizer, args, max_length)
 
 
@@ -145,7 +146,7 @@ def test_truncation_drops_examples_left_without_response_and_counts_them(tmp_pat
     dropped = sum(n >= max_length for n in prompt_lengths)
     assert 0 < dropped < len(records)
     stats = data.stats["train"]
-    assert stats["examples"] == len(records) and stats["dropped"] == dropped and stats["kept"] == len(records) - dropped
+    assert stats["examples"] == len(records) and stats["dropped"] == dropped and stats["kept"] == stats["used"] == len(records) - dropped
     assert stats["truncated"] == sum(p < max_length < t for p, t in zip(prompt_lengths, total_lengths)) > 0
     assert all(0 < len(ids) <= max_length for ids in data.train["input_ids"])
     assert stats["trained_tokens"] + stats["masked_tokens"] == stats["tokens"] == sum(map(len, data.train["input_ids"]))
@@ -205,7 +206,7 @@ def test_saved_chat_template_renders_the_training_text(tmp_path, tokenizer, fmt,
 def test_validation_split_keeps_each_prompt_on_one_side(tokenizer):
     path = shared("instruct/instruction-data.json")
     args = SftDataArguments(train_files=[str(path)], validation_split_percentage=30)
-    sft.prepare_tokenizer(tokenizer, sft.STYLES["alpaca"])
+    sft.prepare_tokenizer(tokenizer, STYLES["alpaca"])
     data = sft.build_sft_datasets(sft.load_records(args), tokenizer, args, 1024)
     train, validation = set(data.train["prompt"]), set(data.validation["prompt"])
     assert not train & validation
