@@ -233,3 +233,23 @@ def test_field_names_map_other_columns(tmp_path, tokenizer):
 def test_bad_examples_are_one_clear_error(tmp_path, tokenizer, fmt, records, kwargs, message):
     with pytest.raises(UsageError, match=message):
         build(tmp_path, tokenizer, records, fmt, **kwargs)
+
+
+def test_saved_dataset_in_the_hub_layout_gives_the_same_examples(tmp_path, tokenizer):
+    """tau/commonsense_qa's flat layout, read as --dataset_name from a save_to_disk folder, with its own
+    validation split, trains the same tokens as the original nested records."""
+    import datasets
+
+    nested = read_records("commonsenseqa/dev_rand_split.jsonl", 12)
+    flat = [{"id": r["id"], "question": r["question"]["stem"], "question_concept": r["question"]["question_concept"],
+             "choices": {"label": [c["label"] for c in r["question"]["choices"]], "text": [c["text"] for c in r["question"]["choices"]]},
+             "answerKey": r["answerKey"]} for r in nested]
+    folder = tmp_path / "commonsense_qa"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(flat[:8]), "validation": datasets.Dataset.from_list(flat[8:])}).save_to_disk(folder)
+    args = SftDataArguments(format="multiple_choice", dataset_name=str(folder))
+    sft.prepare_tokenizer(tokenizer, STYLES["qa"])
+    from_hub = sft.build_sft_datasets(sft.load_records(args), tokenizer, args, 1024)
+    from_files = build(tmp_path, tokenizer, nested, "multiple_choice").train
+    assert len(from_hub.train) == 8 and len(from_hub.validation) == 4
+    for column in ("input_ids", "labels"):
+        assert list(from_hub.train[column]) + list(from_hub.validation[column]) == list(from_files[column])
