@@ -134,6 +134,30 @@ def test_resumed_lora_run_reproduces_the_uninterrupted_run(tmp_path, base_model)
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
+def test_two_rank_lora_run_trains_every_example_once_per_epoch(tmp_path, base_model):
+    """torchrun with two CPU ranks (gloo): each step takes a batch on each rank; rank 0 alone samples, merges
+    and saves."""
+    records = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(8)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run_sft.py"),
+         "--model_name_or_path", str(base_model), "--format", "prompt_completion", "--train_files", str(data),
+         "--validation_split_percentage", "0", "--lora_r", "4", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+         "--num_samples", "2", "--sample_max_new_tokens", "4", "--ddp_find_unused_parameters", "false",
+         "--output_dir", str(out), *QUIET], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    examples = info["data"]["train"]
+    assert examples["used"] == 64 and info["final_metrics"]["epoch"] == 1.0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 64 // (2 * 4)
+    assert info["tokens_seen"] == examples["tokens"]  # every example once, padding not counted
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2 and done.stdout.count("Model:") == 1
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), GPT2LMHeadModel)
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "give the instruction data with --train_files"),
     (["--train_files", "{shakespeare}"], "instruction data is records"),
