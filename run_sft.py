@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import Trainer
 from transformers.trainer_utils import IntervalStrategy
 
 from callbacks import LossPlotCallback, PerplexityCallback, SamplesCallback, ThroughputCallback, add_log_callbacks
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     if plan.clear_first and args.should_save:
         run.clear_output_dir(args.output_dir)
     out = Path(args.output_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
+    trainer = sft.ResponseTokenTrainer(model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
                       eval_dataset=examples.validation.select_columns(sft.MODEL_COLUMNS) if examples.validation else None,
                       processing_class=tokenizer, data_collator=sft.PadToLongestCollator(tokenizer.pad_token_id))
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())

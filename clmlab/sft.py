@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import AutoModelForCausalLM, Trainer, set_seed
 
 from clmlab import data
 from clmlab.args import SFT_FORMATS
@@ -318,6 +319,34 @@ class PadToLongestCollator:
         if not (labels != IGNORE_INDEX).any():
             raise ValueError("a batch with no trained token: its loss would be NaN")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ResponseTokenTrainer(Trainer):
+    """A Trainer whose eval_loss is the mean loss over every trained token of the eval set.
+
+    Written here because the Trainer's own eval_loss is the mean over examples of their batch's per-token
+    mean: with examples of different lengths it moves with the eval batch size and the number of processes,
+    so two runs evaluated differently could not be compared. Per-example sums and counts go through the
+    Trainer's own loop, which gathers them across processes and drops the examples repeated to even out
+    the last batch.
+    """
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        labels = inputs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
+        sums, counts = nll.sum(1, keepdim=True), (labels != IGNORE_INDEX).sum(1, keepdim=True).float()
+        return sums.sum() / counts.sum(), sums, counts
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        if output.predictions is not None and output.label_ids is not None:
+            total = float(np.sum(output.label_ids, dtype=np.float64))
+            output.metrics[f"{metric_key_prefix}_loss"] = float(np.sum(output.predictions, dtype=np.float64)) / total
+        return output
 
 
 # ----------------------------------------------------------------------------------------- model and tokenizer

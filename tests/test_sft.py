@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import shared
@@ -253,3 +254,32 @@ def test_saved_dataset_in_the_hub_layout_gives_the_same_examples(tmp_path, token
     assert len(from_hub.train) == 8 and len(from_hub.validation) == 4
     for column in ("input_ids", "labels"):
         assert list(from_hub.train[column]) + list(from_hub.validation[column]) == list(from_files[column])
+
+
+def test_eval_loss_is_the_mean_over_response_tokens_whatever_the_batch_size(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+
+    examples = build(tmp_path, tokenizer, read_records("instruct/instruction-data.json", 23), "alpaca").train
+    examples = examples.select_columns(sft.MODEL_COLUMNS)
+    set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, vocab_size=len(tokenizer))).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():  # one example at a time, written out: the definition
+        for example in examples:
+            logits = model(torch.tensor([example["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(example["labels"][1:])
+            trained = labels != sft.IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[trained], labels[trained], reduction="sum").item()
+            count += int(trained.sum())
+    expected = total / count
+
+    def eval_loss(trainer_class, batch_size):
+        args = TrainingArguments(output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=True, dataloader_pin_memory=False)
+        trainer = trainer_class(model=model, args=args, eval_dataset=examples, data_collator=sft.PadToLongestCollator(tokenizer.pad_token_id))
+        return trainer.evaluate()["eval_loss"]
+
+    for batch_size in (1, 4, 7):
+        assert eval_loss(sft.ResponseTokenTrainer, batch_size) == pytest.approx(expected, rel=1e-5)
+    # The plain Trainer averages batch means over examples: off once batches mix lengths.
+    assert eval_loss(Trainer, 7) != pytest.approx(expected, rel=1e-5)
