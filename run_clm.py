@@ -50,14 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
     block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
     modeling.check_shape(config, block_size)
     resolved = run.resolved_arguments(model_args, data_args, args)
-    plan = run.plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    plan = run.prepare_output_dir(args, resolved)
     if plan.finished:
-        print(f"{args.output_dir} holds this run, finished: eval loss {plan.finished['final_metrics']['eval_loss']:.4f}. "
-              "Nothing to do; pass --overwrite_output_dir true to train it again.")
         return plan.finished["final_metrics"]
     resume_from = plan.resume_from
-    if resume_from:
-        args.eval_on_start = False  # the run's first evaluation is already in the checkpoint's log history
 
     # 2. Documents, tokenizer, model (seeded before any token is made), blocks.
     with args.main_process_first(desc="reading documents"):
@@ -92,14 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
     trainer.add_callback(LossPlotCallback(f"{describe_data(data_args)} - GPT-2 {n_params / 1e6:.2f}M params"))
     out = Path(args.output_dir)
-    info = {
-        "status": "running", "command": run.command_line(), "arguments": resolved, "versions": run.package_versions(),
-        "git": run.git_commit(), "resumed_from": resume_from,
-        "data": {"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
-        "model": {"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict()},
-        "budget": {"max_steps": args.max_steps, "tokens_per_step": step_tokens,
-                   "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None},
-    }
+    info = run.run_record(
+        resolved, resume_from,
+        data={"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
+        model={"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict()},
+        budget={"max_steps": args.max_steps, "tokens_per_step": step_tokens,
+                "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None},
+    )
     if trainer.is_world_process_zero():
         run.write_json(out / run.ARGS_FILE, resolved)
         run.write_json(out / run.INFO_FILE, info)

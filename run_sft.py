@@ -42,13 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--lora_r must be 0 (no LoRA) or more")
     model_dir, tokenizer_dir = sft.model_location(model_args.model_name_or_path)
     resolved = run.resolved_arguments(model_args, data_args, args)
-    plan = run.plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    plan = run.prepare_output_dir(args, resolved)
     if plan.finished:
-        print(f"{args.output_dir} holds this run, finished: eval loss {plan.finished['eval_loss_after']}. "
-              "Nothing to do; pass --overwrite_output_dir true to train it again.")
         return plan.finished["final_metrics"]
-    if plan.resume_from:
-        args.eval_on_start = False  # the first evaluation is already in the checkpoint's log history
 
     # 2. Tokenizer with the template's tokens, model, examples as segments (prompt masked) of tokens.
     tokenizer = load_tokenizer(model_args.tokenizer_name or tokenizer_dir)
@@ -72,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     if plan.clear_first and args.should_save:
         run.clear_output_dir(args.output_dir)
     out = Path(args.output_dir)
-    trainer = sft.ResponseTokenTrainer(model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
-                      eval_dataset=examples.validation.select_columns(sft.MODEL_COLUMNS) if examples.validation else None,
-                      processing_class=tokenizer, data_collator=sft.PadToLongestCollator(tokenizer.pad_token_id))
+    trainer = sft.ResponseTokenTrainer(
+        model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
+        eval_dataset=examples.validation.select_columns(sft.MODEL_COLUMNS) if examples.validation else None,
+        processing_class=tokenizer, data_collator=sft.PadToLongestCollator(tokenizer.pad_token_id))
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
     trainer.add_callback(LossPlotCallback(f"{fmt.name} instruction tuning - {Path(model_args.model_name_or_path).name}"))
     held_out = examples.validation or examples.train
@@ -82,16 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
     end_id = tokenizer.convert_tokens_to_ids(style.end_token(tokenizer))
     trainer.add_callback(SamplesCallback(out / sft.SAMPLES_FILE, shown["prompt"], shown["reference"], tokenizer,
                                          DecodingSettings(max_new_tokens=data_args.sample_max_new_tokens, do_sample=False), end_id))
-    info = {
-        "status": "running", "command": run.command_line(), "arguments": resolved, "versions": run.package_versions(),
-        "git": run.git_commit(), "resumed_from": plan.resume_from,
-        "data": {"format": fmt.name, "template": style.name, "columns": columns, "sources": data.describe_sources(data_args),
-                 "max_length": max_length, "train_on_prompt": data_args.train_on_prompt, **examples.stats},
-        "model": {"from": model_dir, "parameters": modeling.parameter_count(model),
-                  "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "added_tokens": tokenizer.convert_ids_to_tokens(added_ids), "end_token": style.end_token(tokenizer),
-                  "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha} if model_args.lora_r else None},
-    }
+    info = run.run_record(
+        resolved, plan.resume_from,
+        data={"format": fmt.name, "template": style.name, "columns": columns, "sources": data.describe_sources(data_args),
+              "max_length": max_length, "train_on_prompt": data_args.train_on_prompt, **examples.stats},
+        model={"from": model_dir, "parameters": modeling.parameter_count(model),
+               "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "added_tokens": tokenizer.convert_ids_to_tokens(added_ids), "end_token": style.end_token(tokenizer),
+               "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha} if model_args.lora_r else None},
+    )
     if trainer.is_world_process_zero():
         run.write_json(out / run.ARGS_FILE, resolved)
         run.write_json(out / run.INFO_FILE, info)

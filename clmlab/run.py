@@ -108,6 +108,21 @@ def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str
     return OutputPlan(resume_from=last_complete_checkpoint(output_dir) if policy.lower() == "auto" else None)
 
 
+def prepare_output_dir(args, resolved: dict) -> OutputPlan:
+    """The output-directory plan of a training script, acted on: a finished run is reported (the script then
+    returns its metrics), and a resumed run skips the evaluation before its first step, which its
+    checkpoint's log history already holds."""
+    plan = plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if plan.finished:
+        eval_loss = plan.finished.get("final_metrics", {}).get("eval_loss")
+        shown = f"eval loss {eval_loss:.4f}" if eval_loss is not None else "no eval loss"
+        print(f"{args.output_dir} holds this run, finished: {shown}. "
+              "Nothing to do; pass --overwrite_output_dir true to train it again.")
+    if plan.resume_from:
+        args.eval_on_start = False
+    return plan
+
+
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -184,6 +199,12 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def run_record(resolved: dict, resumed_from: str | None, **sections) -> dict:
+    """The start of run_info.json: what ran, with which code and versions; the script adds its sections."""
+    return {"status": "running", "command": command_line(), "arguments": resolved, "versions": package_versions(),
+            "git": git_commit(), "resumed_from": resumed_from, **sections}
 
 
 def command_line() -> str:

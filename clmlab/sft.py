@@ -250,8 +250,8 @@ def _record_files(data_args) -> dict[str, tuple[str, list[str]]]:
 
 
 def load_records(data_args) -> dict:
-    """{"train": records, "validation": records or None}, from local files or a Hub/saved dataset."""
-    check_data_arguments(data_args)
+    """{"train": records, "validation": records or None}, from local files or a Hub/saved dataset; the
+    arguments were checked by check_data_arguments."""
     if data_args.train_files:
         loaded = {split: data.read_record_files(kind, files, f"--{split}_files")
                   for split, (kind, files) in _record_files(data_args).items()}
@@ -302,12 +302,9 @@ class PadToLongestCollator:
     """
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict:
         width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -48,3 +50,24 @@ def gpt2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(shared("tiny_gpt2_random"))
+
+
+def run_script(script: str, *args, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """One of the project's scripts in a fresh process, as a user runs it; with `ranks` > 1, under torchrun
+    (DDP over gloo on a CPU machine)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    launcher = [sys.executable]
+    if ranks > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    done = subprocess.run([*launcher, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+def logged(output_dir: Path, key: str) -> dict[int, float]:
+    """A value the Trainer logged (loss, eval_loss, ...) by step, from a run's trainer_state.json."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return {e["step"]: e[key] for e in state["log_history"] if key in e}

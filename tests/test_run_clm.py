@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, logged, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -23,12 +21,7 @@ TINY = [
 
 
 def run_clm(*args, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(REPO / "run_clm.py"), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"run_clm.py exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return done
+    return run_script("run_clm.py", *args, check=check)
 
 
 def load_run_clm():
@@ -39,8 +32,7 @@ def load_run_clm():
 
 
 def losses(output_dir) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    return logged(output_dir, "loss")
 
 
 def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tmp_path, shakespeare):
@@ -48,7 +40,7 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tmp_path, shakespeare)
     run_clm("--train_files", shakespeare, "--output_dir", out, "--max_steps", 80, "--eval_steps", 40,
             "--max_eval_samples", 32, *TINY)
     info = json.loads((out / "run_info.json").read_text())
-    evals = [e["eval_loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
+    evals = list(logged(out, "eval_loss").values())
     assert evals[0] > 6.0  # about ln(512) at the start
     assert info["final_metrics"]["eval_loss"] < evals[0] - 0.5
     assert info["status"] == "finished" and info["tokens_seen"] == 80 * 8 * 64
@@ -100,7 +92,7 @@ def test_streaming_run(tmp_path, tinystories):
     info = json.loads((out / "run_info.json").read_text())
     assert info["budget"]["max_steps"] == 12 and info["tokens_seen"] == 12 * 8 * 64
     assert info["data"]["train"]["streaming"] is True and info["data"]["validation"]["blocks"] == 16
-    evals = [e["eval_loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
+    evals = list(logged(out, "eval_loss").values())
     assert len(evals) >= 3 and evals[-1] < evals[0]
 
 
@@ -108,14 +100,9 @@ def test_streaming_run(tmp_path, tinystories):
 def test_two_rank_ddp_run_splits_the_batches(tmp_path, tinystories, streaming):
     """torchrun with two CPU ranks (gloo): half the steps for the same token budget, every token counted once."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run_clm.py"),
-         "--train_files", str(tinystories), "--streaming", streaming, "--max_train_tokens", str(16 * 8 * 64),
-         "--max_eval_samples", "8", "--eval_on_start", "false", "--ddp_find_unused_parameters", "false",
-         "--output_dir", str(out), *TINY],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("run_clm.py", "--train_files", tinystories, "--streaming", streaming, "--max_train_tokens", 16 * 8 * 64,
+                      "--max_eval_samples", 8, "--eval_on_start", "false", "--ddp_find_unused_parameters", "false",
+                      "--output_dir", out, *TINY, ranks=2)
     info = json.loads((out / "run_info.json").read_text())
     assert info["budget"] == {"max_steps": 8, "tokens_per_step": 2 * 8 * 64, "max_train_tokens": 16 * 8 * 64}
     assert info["tokens_seen"] == 16 * 8 * 64

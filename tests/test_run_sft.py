@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from conftest import REPO, shared
+from conftest import logged, run_script, shared
 from test_run_clm import run_clm
 
 pytestmark = pytest.mark.e2e
@@ -21,12 +19,7 @@ QUIET = ["--disable_tqdm", "true", "--seed", "5"]
 
 
 def run_sft(*args, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(REPO / "run_sft.py"), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"run_sft.py exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return done
+    return run_script("run_sft.py", *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +34,7 @@ def base_model(tmp_path_factory):
 
 
 def evals(out) -> dict[int, float]:
-    state = json.loads((out / "trainer_state.json").read_text())
-    return {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    return logged(out, "eval_loss")
 
 
 def test_alpaca_tuning_lowers_eval_loss_and_records_what_was_trained(tmp_path, base_model):
@@ -123,8 +115,7 @@ def test_resumed_lora_run_reproduces_the_uninterrupted_run(tmp_path, base_model)
     (resumed / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
     run_sft(*common, "--output_dir", resumed)
     assert "checkpoint-6" in json.loads((resumed / "run_info.json").read_text())["resumed_from"]
-    losses = [{e["step"]: e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e}
-              for out in (whole, resumed)]
+    losses = [logged(out, "loss") for out in (whole, resumed)]
     assert len(losses[0]) == 12 and losses[1] == losses[0]
     samples = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] for out in (whole, resumed)]
     assert len(samples[1]) == len(samples[0]) >= 1
@@ -141,14 +132,10 @@ def test_two_rank_lora_run_trains_every_example_once_per_epoch(tmp_path, base_mo
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run_sft.py"),
-         "--model_name_or_path", str(base_model), "--format", "prompt_completion", "--train_files", str(data),
-         "--validation_split_percentage", "0", "--lora_r", "4", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-         "--num_samples", "2", "--sample_max_new_tokens", "4", "--ddp_find_unused_parameters", "false",
-         "--output_dir", str(out), *QUIET], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("run_sft.py", "--model_name_or_path", base_model, "--format", "prompt_completion", "--train_files", data,
+                      "--validation_split_percentage", 0, "--lora_r", 4, "--num_train_epochs", 1, "--per_device_train_batch_size", 4,
+                      "--num_samples", 2, "--sample_max_new_tokens", 4, "--ddp_find_unused_parameters", "false",
+                      "--output_dir", out, *QUIET, ranks=2)
     info = json.loads((out / "run_info.json").read_text())
     examples = info["data"]["train"]
     assert examples["used"] == 64 and info["final_metrics"]["epoch"] == 1.0
