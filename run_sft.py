@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers.trainer_utils import IntervalStrategy
 
 from callbacks import LossPlotCallback, PerplexityCallback, SamplesCallback, ThroughputCallback, add_log_callbacks
-from clmlab import data, modeling, run, sft
+from clmlab import checkpoints, data, modeling, run, sft
 from clmlab.args import SftDataArguments, SftModelArguments, SftTrainingArguments
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args
 from clmlab.generation import DecodingSettings
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     columns = sft.check_data_arguments(data_args)
     if model_args.lora_r < 0:
         raise UsageError("--lora_r must be 0 (no LoRA) or more")
-    model_dir, tokenizer_dir = sft.model_location(model_args.model_name_or_path)
+    model_dir, tokenizer_dir = checkpoints.locate_model(model_args.model_name_or_path)
     resolved = run.resolved_arguments(model_args, data_args, args)
     plan = run.prepare_output_dir(args, resolved)
     if plan.finished:

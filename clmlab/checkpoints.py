@@ -1,7 +1,9 @@
-"""Loading a trained model for inference or evaluation, from any plain Hugging Face checkpoint folder."""
+"""Finding a model or a checkpoint in a run folder, and loading it for inference or evaluation, from any plain
+Hugging Face checkpoint folder. The one place that knows what a complete checkpoint is."""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -11,7 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clmlab.cli import UsageError, first_line
-from clmlab.run import last_complete_checkpoint
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 logger = logging.getLogger(__name__)
@@ -26,15 +27,37 @@ class LoadArguments:
     quantize: str | None = field(default=None, metadata={"help": "int8: dynamic int8 linear layers (CPU).", "choices": ["int8"]})
 
 
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a checkpoint cut short by preemption has none, or half
+    of one."""
+    return read_json(path / "trainer_state.json") is not None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    steps = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and is_complete_checkpoint(path):
+            steps.append((int(suffix), str(path)))
+    return max(steps)[1] if steps else None
+
+
 def _has_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def find_model_dir(path: str) -> Path:
+def find_model_dir(path: str, flag: str = "--checkpoint") -> Path:
     """A run's output directory (its final model, else its latest complete checkpoint) or a checkpoint-N folder."""
     folder = Path(path)
     if not folder.is_dir():
-        raise UsageError(f"--checkpoint {path}: no such folder")
+        raise UsageError(f"{flag} {path}: no such folder")
     if _has_model(folder):
         return folder
     latest = last_complete_checkpoint(str(folder))
@@ -42,9 +65,21 @@ def find_model_dir(path: str) -> Path:
         logger.info(f"{path} has no final model yet: using its latest checkpoint {latest}")
         return Path(latest)
     raise UsageError(
-        f"--checkpoint {path} holds no model (no config.json with weights, no complete checkpoint-N folder); "
+        f"{flag} {path} holds no model (no config.json with weights, no complete checkpoint-N folder); "
         "give a run's output directory or one of its checkpoint-N folders"
     )
+
+
+def locate_model(name_or_path: str) -> tuple[str, str]:
+    """(model folder or Hub id, tokenizer folder or Hub id): a run's output directory gives its final model,
+    else its latest checkpoint, whose tokenizer may sit in the run folder above it."""
+    if not Path(name_or_path).is_dir():
+        if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            raise UsageError(f"--model_name_or_path {name_or_path}: no such folder (give a run's output directory, a checkpoint folder or a Hub id)")
+        return name_or_path, name_or_path
+    model_dir = find_model_dir(name_or_path, "--model_name_or_path")
+    tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else model_dir.parent
+    return str(model_dir), str(tokenizer_dir)
 
 
 def resolve_device(device: str) -> torch.device:

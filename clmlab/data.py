@@ -176,6 +176,18 @@ class DocumentSplit:
         return [self.is_validation(text) for text in batch["text"]]
 
 
+def choice_fields(doc: dict, question: str = "question", choices: str = "choices", answer: str = "answerKey"):
+    """(stem, labels, texts, answer label) of a CommonsenseQA / ARC record in either layout: the original
+    {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"} or the Hub's flat
+    {"question": str, "choices": {"label": [...], "text": [...]}, "answerKey"}."""
+    value = doc[question]
+    if isinstance(value, str):
+        stem, labels, texts = value, list(doc[choices]["label"]), list(doc[choices]["text"])
+    else:
+        stem, labels, texts = value["stem"], [c["label"] for c in value["choices"]], [c["text"] for c in value["choices"]]
+    return stem, labels, texts, doc[answer]
+
+
 def builtin_documents() -> list[str]:
     """The English documentation text CPython ships (pydoc_data.topics): real prose, no download."""
     from pydoc_data.topics import topics

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from clmlab.data import choice_fields
 from clmlab.modeling import context_length
 
 Progress = Callable[[int], None]  # called with the number of items just finished
@@ -142,18 +143,6 @@ def hellaswag_preprocess(text: str) -> str:
 def hellaswag_example(doc: dict) -> ChoiceExample:
     context = doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     return ChoiceExample(hellaswag_preprocess(context), [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
-
-
-def choice_fields(doc: dict, question: str = "question", choices: str = "choices", answer: str = "answerKey"):
-    """(stem, labels, texts, answer label) of a CommonsenseQA / ARC record in either layout: the original
-    {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"} or the Hub's flat
-    {"question": str, "choices": {"label": [...], "text": [...]}, "answerKey"}."""
-    value = doc[question]
-    if isinstance(value, str):
-        stem, labels, texts = value, list(doc[choices]["label"]), list(doc[choices]["text"])
-    else:
-        stem, labels, texts = value["stem"], [c["label"] for c in value["choices"]], [c["text"] for c in value["choices"]]
-    return stem, labels, texts, doc[answer]
 
 
 def multiple_choice_example(doc: dict) -> ChoiceExample:

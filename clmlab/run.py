@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from clmlab.checkpoints import is_complete_checkpoint, last_complete_checkpoint, read_json
 from clmlab.cli import UsageError
 
 ARGS_FILE = "run_args.json"
@@ -121,28 +122,6 @@ def prepare_output_dir(args, resolved: dict) -> OutputPlan:
     if plan.resume_from:
         args.eval_on_start = False
     return plan
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last, so a checkpoint cut short by preemption has none, or half
-    of one."""
-    return read_json(path / "trainer_state.json") is not None
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    steps = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and is_complete_checkpoint(path):
-            steps.append((int(suffix), str(path)))
-    return max(steps)[1] if steps else None
 
 
 def clear_output_dir(output_dir: str) -> None:

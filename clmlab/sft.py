@@ -21,9 +21,7 @@ from transformers import AutoModelForCausalLM, Trainer, set_seed
 
 from clmlab import data
 from clmlab.args import SFT_FORMATS
-from clmlab.checkpoints import find_model_dir
 from clmlab.cli import UsageError, first_line
-from clmlab.evaluation import choice_fields
 from clmlab.modeling import context_length
 from clmlab.templates import STYLES, PromptStyle, Segment
 
@@ -96,7 +94,7 @@ def _qa(record: dict, cols: dict) -> list[dict]:
 
 def _multiple_choice(record: dict, cols: dict) -> list[dict]:
     try:
-        stem, labels, texts, answer = choice_fields(record, cols["question"], cols["choices"], cols["answer"])
+        stem, labels, texts, answer = data.choice_fields(record, cols["question"], cols["choices"], cols["answer"])
     except (KeyError, TypeError) as error:
         raise BadExample(f"not a CommonsenseQA/ARC record (missing {first_line(error)})") from None
     if answer not in labels:
@@ -347,21 +345,6 @@ class ResponseTokenTrainer(Trainer):
 
 
 # ----------------------------------------------------------------------------------------- model and tokenizer
-
-
-def model_location(name_or_path: str) -> tuple[str, str]:
-    """(model folder or Hub id, tokenizer folder or Hub id): a run's output directory gives its final model,
-    else its latest checkpoint, whose tokenizer may sit in the run folder above it."""
-    if not Path(name_or_path).is_dir():
-        if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-            raise UsageError(f"--model_name_or_path {name_or_path}: no such folder (give a run's output directory, a checkpoint folder or a Hub id)")
-        return name_or_path, name_or_path
-    try:
-        model_dir = find_model_dir(name_or_path)
-    except UsageError as error:
-        raise UsageError(str(error).replace("--checkpoint", "--model_name_or_path")) from None
-    tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else model_dir.parent
-    return str(model_dir), str(tokenizer_dir)
 
 
 def prepare_tokenizer(tokenizer, style: PromptStyle) -> list[int]:
