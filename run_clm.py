@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 from transformers import Trainer, default_data_collator
@@ -19,8 +18,8 @@ from transformers import Trainer, default_data_collator
 from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
 from callbacks.loss_plot import PLOT_FILE
 from clmlab import data, modeling, run
-from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
-from clmlab.cli import UsageError, exits_on_usage_error, parse_args
+from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments, parse_overrides
+from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
 from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "experiments" / "quickstart.yaml"
@@ -29,44 +28,34 @@ logger = logging.getLogger("run_clm")
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        print(f"No arguments given: running the built-in quickstart ({QUICKSTART.relative_to(QUICKSTART.parents[2])}).")
-        argv = [str(QUICKSTART)]
-    model_args, data_args, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], argv, prog="run_clm.py",
-                                             alternatives=[("max_steps", "max_train_tokens")])
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    started = time.time()
-
-    # 1. Everything that can be checked without reading data, before anything is written.
-    if args.max_train_tokens and args.max_steps > 0:
-        raise UsageError("give --max_steps or --max_train_tokens, not both")
-    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
-        raise UsageError(f"--max_eval_samples {data_args.max_eval_samples}: must be a positive number of blocks")
+    # 1. Arguments, each checked as it is parsed. With no data and no model, the quickstart is the base.
+    setup_logging()
+    model_args, data_args, args = parse_args(
+        [ModelArguments, DataArguments, ClmTrainingArguments], sys.argv[1:] if argv is None else argv, prog="run_clm.py",
+        alternatives=[("max_steps", "max_train_tokens")],
+        base_config=(QUICKSTART, ("dataset_name", "train_files", "model_name_or_path")))
     if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
         raise UsageError("--streaming has no length to count epochs by; give --max_steps or --max_train_tokens")
     config = modeling.build_config(model_args)
     block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
     modeling.check_shape(config, block_size)
-    resolved = run.resolved_arguments(model_args, data_args, args)
-    plan = run.prepare_output_dir(args, resolved)
-    if plan.finished:
-        return plan.finished["final_metrics"]
-    resume_from = plan.resume_from
+    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, args))
+    if training.finished:
+        return training.finished["final_metrics"]
 
     # 2. Documents, tokenizer, model (seeded before any token is made), blocks.
     with args.main_process_first(desc="reading documents"):
         documents = data.load_documents(data_args, streaming=data_args.streaming)
     tokenizer = tokenizer_for_run(model_args, data_args, documents)
-    trained_vocab = model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0
-    modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path, min_vocab_size=trained_vocab)
+    vocab_override = parse_overrides(model_args.config_overrides).get("vocab_size")
+    modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path,
+                                     min_vocab_size=model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0,
+                                     vocab_override=int(vocab_override) if vocab_override else None)
     model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
     initial_checksum = modeling.weights_checksum(model)
     step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
     with args.main_process_first(desc="tokenizing and packing"):
         lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, step_tokens // block_size)
-
     n_params = modeling.parameter_count(model)
     for split in ("train", "validation"):
         counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
@@ -80,40 +69,21 @@ def main(argv: list[str] | None = None) -> dict:
                     f"(block {block_size} x batch {args.per_device_train_batch_size} x accumulation "
                     f"{args.gradient_accumulation_steps} x world {args.world_size})")
 
-    # 4. Train.
-    if plan.clear_first and args.should_save:
-        run.clear_output_dir(args.output_dir)
+    # 4. Train, save, evaluate, record.
     trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
                       processing_class=tokenizer, data_collator=default_data_collator)
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
     trainer.add_callback(LossPlotCallback(f"{describe_data(data_args)} - GPT-2 {n_params / 1e6:.2f}M params"))
     out = Path(args.output_dir)
-    info = run.run_record(
-        resolved, resume_from,
-        data={"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
-        model={"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict()},
-        budget={"max_steps": args.max_steps, "tokens_per_step": step_tokens,
-                "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None},
-    )
-    if trainer.is_world_process_zero():
-        run.write_json(out / run.ARGS_FILE, resolved)
-        run.write_json(out / run.INFO_FILE, info)
-        tokenizer.save_pretrained(out)
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model()
-    metrics = {**train_result.metrics, **run.final_evaluation(trainer)}
-    trainer.save_state()
-
-    if trainer.is_world_process_zero():
-        info.update(status="finished", wall_seconds=round(time.time() - started, 1), final_metrics=metrics,
-                    tokens_seen=trainer.state.num_input_tokens_seen)
-        run.write_json(out / run.INFO_FILE, info)
-        print(f"\nFinal eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f}) "
-              f"after {trainer.state.global_step} steps, {trainer.state.num_input_tokens_seen:,} tokens.")
-        print(f"Checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained or transformers.pipeline)")
-        print(f"Loss plot:  {out / PLOT_FILE}")
-        print(f"Run record: {out / run.INFO_FILE}")
-    return metrics
+    return training.train(
+        trainer, sequence_length=block_size,
+        record={"data": {"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
+                "model": {"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict(),
+                          "tokenizer_tokens": len(tokenizer)},
+                "budget": {"max_steps": args.max_steps, "tokens_per_step": step_tokens,
+                           "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None}},
+        report=[f"Checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained or transformers.pipeline)",
+                f"Loss plot:  {out / PLOT_FILE}"])
 
 
 def describe_data(data_args) -> str:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from clmlab.checkpoints import LoadArguments, load_for_inference
-from clmlab.cli import UsageError, exits_on_usage_error, parse_args
+from clmlab.cli import UsageError, exits_on_usage_error, parse_args, require, setup_logging
 from clmlab.generation import DecodingSettings, chat_end_token_id, chat_prompt, generate
 
 
@@ -33,6 +32,9 @@ class InferArguments:
     chat: bool = field(default=False, metadata={"help": "Wrap prompts in the checkpoint's chat template and stop at its end token."})
     batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
     output_jsonl: str | None = field(default=None, metadata={"help": "Also write prompt, checkpoint, settings and text here."})
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be 1 or more")
 
 
 def read_prompts(args: InferArguments) -> list[str]:
@@ -63,10 +65,8 @@ def side_by_side(columns: list[tuple[str, str]]) -> str:
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> list[dict]:
+    setup_logging()
     args, placement, settings = parse_args([InferArguments, LoadArguments, DecodingSettings], argv, prog="run_infer.py")
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if settings.max_new_tokens < 1 or settings.num_return_sequences < 1 or args.batch_size < 1:
-        raise UsageError("--max_new_tokens, --num_return_sequences and --batch_size must be positive")
     prompts = read_prompts(args)
     models = [(path, *load_for_inference(path, placement.device, placement.dtype, placement.quantize)) for path in [args.checkpoint, *(args.compare or [])]]
     if args.chat and not models[0][2].chat_template:

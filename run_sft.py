@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 from transformers.trainer_utils import IntervalStrategy
@@ -18,7 +17,7 @@ from transformers.trainer_utils import IntervalStrategy
 from callbacks import LossPlotCallback, PerplexityCallback, SamplesCallback, ThroughputCallback, add_log_callbacks
 from clmlab import checkpoints, data, modeling, run, sft
 from clmlab.args import SftDataArguments, SftModelArguments, SftTrainingArguments
-from clmlab.cli import UsageError, exits_on_usage_error, parse_args
+from clmlab.cli import exits_on_usage_error, parse_args, setup_logging
 from clmlab.generation import DecodingSettings
 from clmlab.templates import STYLES
 from clmlab.tokenizer import load_tokenizer
@@ -28,23 +27,17 @@ logger = logging.getLogger("run_sft")
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments, each checked as it is parsed; the format's fields mapped to the data's columns.
+    setup_logging()
     model_args, data_args, args = parse_args([SftModelArguments, SftDataArguments, SftTrainingArguments],
                                              sys.argv[1:] if argv is None else argv, prog="run_sft.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    started = time.time()
-
-    # 1. Everything that can be checked without reading data, before anything is written.
     fmt = sft.FORMATS[data_args.format]
     style = STYLES[fmt.style]
-    columns = sft.check_data_arguments(data_args)
-    if model_args.lora_r < 0:
-        raise UsageError("--lora_r must be 0 (no LoRA) or more")
+    columns = sft.column_names(data_args)
     model_dir, tokenizer_dir = checkpoints.locate_model(model_args.model_name_or_path)
-    resolved = run.resolved_arguments(model_args, data_args, args)
-    plan = run.prepare_output_dir(args, resolved)
-    if plan.finished:
-        return plan.finished["final_metrics"]
+    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, args))
+    if training.finished:
+        return training.finished["final_metrics"]
 
     # 2. Tokenizer with the template's tokens, model, examples as segments (prompt masked) of tokens.
     tokenizer = load_tokenizer(model_args.tokenizer_name or tokenizer_dir)
@@ -64,9 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning("no validation examples: no eval loss, and the samples are answers to training prompts")
         args.eval_strategy, args.eval_on_start = IntervalStrategy.NO, False
 
-    # 3. Train; answer a few held-out prompts before and after.
-    if plan.clear_first and args.should_save:
-        run.clear_output_dir(args.output_dir)
+    # 3. Train, answering a few held-out prompts before and after; save (LoRA merged), evaluate, record.
     out = Path(args.output_dir)
     trainer = sft.ResponseTokenTrainer(
         model=model, args=args, train_dataset=examples.train.select_columns(sft.MODEL_COLUMNS),
@@ -79,38 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
     end_id = tokenizer.convert_tokens_to_ids(style.end_token(tokenizer))
     trainer.add_callback(SamplesCallback(out / sft.SAMPLES_FILE, shown["prompt"], shown["reference"], tokenizer,
                                          DecodingSettings(max_new_tokens=data_args.sample_max_new_tokens, do_sample=False), end_id))
-    info = run.run_record(
-        resolved, plan.resume_from,
-        data={"format": fmt.name, "template": style.name, "columns": columns, "sources": data.describe_sources(data_args),
-              "max_length": max_length, "train_on_prompt": data_args.train_on_prompt, **examples.stats},
-        model={"from": model_dir, "parameters": modeling.parameter_count(model),
-               "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "added_tokens": tokenizer.convert_ids_to_tokens(added_ids), "end_token": style.end_token(tokenizer),
-               "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha} if model_args.lora_r else None},
-    )
-    if trainer.is_world_process_zero():
-        run.write_json(out / run.ARGS_FILE, resolved)
-        run.write_json(out / run.INFO_FILE, info)
-        tokenizer.save_pretrained(out)  # with the chat template: the prompt layout travels with the model
-    train_result = trainer.train(resume_from_checkpoint=plan.resume_from)
-    sft.save_tuned_model(trainer, args.output_dir)
-    metrics = {**train_result.metrics, **(run.final_evaluation(trainer) if examples.validation else {})}
-    trainer.save_state()
-
-    if trainer.is_world_process_zero():
-        evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
-        info.update(status="finished", wall_seconds=round(time.time() - started, 1), final_metrics=metrics,
-                    eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"),
-                    tokens_seen=trainer.state.num_input_tokens_seen)
-        run.write_json(out / run.INFO_FILE, info)
-        if 0 in evals:
-            print(f"\nEval loss on response tokens: {evals[0]:.4f} before, {metrics['eval_loss']:.4f} after "
-                  f"{trainer.state.global_step} steps.")
-        print(f"Model:   {out}/  (run_infer.py --checkpoint {out} --chat, or transformers.pipeline)")
-        if len(shown):
-            print(f"Samples: {out / sft.SAMPLES_FILE}  (held-out prompts answered before and after)")
-        print(f"Record:  {out / run.INFO_FILE}")
-    return metrics
+    return training.train(
+        trainer, sequence_length=max_length, save_model=lambda: sft.save_tuned_model(trainer, args.output_dir),
+        record={"data": {"format": fmt.name, "template": style.name, "columns": columns, "sources": data.describe_sources(data_args),
+                         "max_length": max_length, "train_on_prompt": data_args.train_on_prompt, **examples.stats},
+                "model": {"from": model_dir, "parameters": modeling.parameter_count(model),
+                          "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          "added_tokens": tokenizer.convert_ids_to_tokens(added_ids), "end_token": style.end_token(tokenizer),
+                          "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha} if model_args.lora_r else None}},
+        report=[f"Model:   {out}/  (run_infer.py --checkpoint {out} --chat, or transformers.pipeline)"]
+        + ([f"Samples: {out / sft.SAMPLES_FILE}  (held-out prompts answered before and after)"] if len(shown) else []))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ def plot_losses(log_history: list[dict], path: str | Path, title: str = "") -> P
 
 class LossPlotCallback(TrainerCallback):
     """Redraws loss.png in the output directory after every evaluation and at the end of training, so a
-    plot of a run in progress is always at hand."""
+    plot of a run in progress is always at hand. Not before the first step: a run writes nothing to its
+    output directory until it has trained a step (clmlab.run.TrainingRun)."""
 
     def __init__(self, title: str = ""):
         self.title = title
 
     def _draw(self, args, state):
-        if state.is_world_process_zero and state.log_history:
+        if state.is_world_process_zero and state.log_history and state.global_step > 0:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             plot_losses(state.log_history, Path(args.output_dir) / PLOT_FILE, self.title)
 

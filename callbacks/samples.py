@@ -22,7 +22,9 @@ class SamplesCallback(TrainerCallback):
     """Answers a few held-out prompts before training and again after it, into one JSONL file: a record per
     prompt with its reference answer, the answer before and the answer after (the before/after table).
 
-    A resumed run keeps the answers written before its first step: they are the untrained model's.
+    A resumed run keeps the answers written before its first step: they are the untrained model's. The
+    file is written once the first step has ended (a run writes nothing to its output directory before),
+    and the answers after are written only when training ran to its end, not when it was stopped early.
     """
 
     def __init__(self, path: str | Path, prompts: Sequence[str], references: Sequence[str], tokenizer,
@@ -59,8 +61,13 @@ class SamplesCallback(TrainerCallback):
             self.before = [s["before"] for s in saved]
             return
         self.before = self._answers(model)
-        self._write(self.before, [None] * len(self.prompts))
+        self._unwritten = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if getattr(self, "_unwritten", False):
+            self._write(self.before, [None] * len(self.prompts))
+            self._unwritten = False
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and self.prompts:
+        if state.is_world_process_zero and self.prompts and state.global_step >= state.max_steps:
             self._write(self.before, self._answers(model))

@@ -1,13 +1,34 @@
-"""The arguments of the training scripts, as dataclasses that HfArgumentParser turns into flags."""
+"""The arguments of the training scripts, as dataclasses that HfArgumentParser turns into flags.
+
+Each dataclass checks its own values in `__post_init__`, so a bad flag is refused when it is parsed, before
+anything is read or written. Checks that need the data (a column, a file's bytes) run where it is read.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from clmlab import data
+from clmlab.cli import UsageError, require
+from clmlab.sft.formats import FORMATS
+
 TEXT_DOCUMENT_MODES = ("auto", "separator", "paragraph", "line", "file")
+logger = logging.getLogger(__name__)
+
+
+def parse_overrides(overrides: str | None) -> dict[str, str]:
+    """"key=value,..." as a mapping; the keys are checked against the model's config where it is built."""
+    parsed = {}
+    for item in filter(str.strip, (overrides or "").split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise UsageError(f"--config_overrides item {item.strip()!r} is not key=value; write e.g. 'n_embd=128,n_layer=4,n_head=4'")
+        parsed[key] = value
+    return parsed
 
 
 @dataclass
@@ -32,9 +53,29 @@ class ModelArguments:
         default=8192, metadata={"help": "Vocabulary size of the BPE tokenizer trained when no tokenizer is given."}
     )
 
+    def __post_init__(self):
+        require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size", self.tokenizer_vocab_size,
+                "a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
+        overrides = parse_overrides(self.config_overrides)
+        if self.model_name_or_path and overrides:
+            raise UsageError("--config_overrides shapes a model built from scratch; drop it or drop --model_name_or_path")
+        if "vocab_size" in overrides and not self.tokenizer_name:
+            vocab = int(overrides["vocab_size"]) if overrides["vocab_size"].isdigit() else -1
+            require(vocab >= self.tokenizer_vocab_size, "config_overrides", f"vocab_size={overrides['vocab_size']}",
+                    f"smaller than the {self.tokenizer_vocab_size:,}-token BPE this run trains (--tokenizer_vocab_size); "
+                    "give at least that many rows, or a smaller --tokenizer_vocab_size")
+
 
 @dataclass
-class DataArguments:
+class DataSourceArguments:
+    """Where the training data comes from: the flags, and their checks, that every training script shares."""
+
+    # Kinds of local files the script reads (clmlab.data.FILE_FORMATS), and what to say to someone who gave another.
+    FILE_KINDS = ("text", "json", "parquet")
+    FILE_HINT = "use .txt, .json, .jsonl or .parquet"
+    # Whether 0% held out (no validation split) is allowed.
+    ALLOWS_NO_VALIDATION = False
+
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Hub dataset id or local dataset folder. With neither this nor --train_files: the built-in Python documentation corpus."},
@@ -47,6 +88,36 @@ class DataArguments:
         default=None,
         metadata={"help": "Validation files or globs. Unset: documents are split off the training data by hash.", "nargs": "+"},
     )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Share of documents, chosen by a hash of their text, held out for validation."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self):
+        if self.dataset_name and self.train_files:
+            raise UsageError("give either --dataset_name or --train_files, not both")
+        if self.validation_files and not self.train_files:
+            raise UsageError("--validation_files needs --train_files")
+        share = self.validation_split_percentage
+        require((0 <= share if self.ALLOWS_NO_VALIDATION else 0 < share) and share < 100, "validation_split_percentage", share,
+                f"must be {'at least 0' if self.ALLOWS_NO_VALIDATION else 'above 0'} and below 100")
+        require(self.preprocessing_num_workers is None or self.preprocessing_num_workers >= 1, "preprocessing_num_workers",
+                self.preprocessing_num_workers, "must be 1 or more")
+        for split, files in self.local_files().items():
+            kind = data.file_format(files, f"--{split}_files")
+            if kind not in self.FILE_KINDS:
+                raise UsageError(f"--{split}_files {files[0]}: {self.FILE_HINT}")
+            if all(os.path.getsize(path) == 0 for path in files):
+                raise UsageError(f"--{split}_files {files[0]}{' ...' if len(files) > 1 else ''}: empty (0 bytes); give files that hold data")
+
+    def local_files(self) -> dict[str, list[str]]:
+        """{"train": files, "validation": files} of the globs given, expanded; every glob must match a file."""
+        return {split: data.resolve_files(patterns, f"--{split}_files")
+                for split, patterns in (("train", self.train_files), ("validation", self.validation_files)) if patterns}
+
+
+@dataclass
+class DataArguments(DataSourceArguments):
     text_column: str = field(default="text", metadata={"help": "Column holding the document text (json, parquet, Hub)."})
     document_separator: str = field(
         default="<|endoftext|>", metadata={"help": "In text files, a line holding only this ends a document (TinyStories' format)."}
@@ -59,8 +130,10 @@ class DataArguments:
             "choices": list(TEXT_DOCUMENT_MODES),
         },
     )
-    validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Share of documents, chosen by a hash of their text, held out for validation."}
+    decode_errors: str = field(
+        default="strict",
+        metadata={"help": "Bytes of a text file that are not UTF-8: 'strict' refuses the file, naming the offset of the first; "
+                  "'replace' reads them as U+FFFD and counts them in run_info.json.", "choices": ["strict", "replace"]},
     )
     block_size: int | None = field(
         default=None, metadata={"help": "Tokens per training block. Unset: the model's n_positions (at most 1024)."}
@@ -69,7 +142,6 @@ class DataArguments:
         default=None,
         metadata={"help": "Evaluate on the first N validation blocks: the same blocks at every evaluation and in every run on the same data."},
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     streaming: bool = field(
         default=False, metadata={"help": "Read the training data as a stream (needs --max_steps or --max_train_tokens)."}
     )
@@ -77,6 +149,16 @@ class DataArguments:
     tokenizer_train_documents: int = field(
         default=100_000, metadata={"help": "With --streaming, train the BPE tokenizer on this many leading training documents."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for flag in ("block_size", "max_eval_samples"):
+            value = getattr(self, flag)
+            require(value is None or value >= 1, flag, value, "must be 1 or more")
+        for flag in ("shuffle_buffer_size", "tokenizer_train_documents"):
+            require(getattr(self, flag) >= 1, flag, getattr(self, flag), "must be 1 or more")
+        if not self.document_separator.strip():
+            raise UsageError("--document_separator is empty; give the text of the line that ends a document, e.g. '<|endoftext|>'")
 
 
 @dataclass
@@ -102,15 +184,40 @@ class RunTrainingArguments(TrainingArguments):
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before the first step, so every curve shows where it began."})
 
     def __post_init__(self):
+        self.check_ranges()
         import torch
 
         if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if self.dataloader_pin_memory:
+                logger.debug("no GPU: dataloader_pin_memory off (pinning needs an accelerator; on CPU it only warns)")
+                self.dataloader_pin_memory = False
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu:
                 # Launched with several ranks on a machine with no GPU: without use_cpu the Trainer quietly
                 # runs each rank as a separate single-process run instead of DDP over gloo.
+                logger.info("several ranks and no GPU: use_cpu on, for DDP over gloo")
                 self.use_cpu = True
         super().__post_init__()
+
+    def check_ranges(self) -> None:
+        """Every training flag that has a range, checked before TrainingArguments acts on any of them."""
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive (e.g. 6e-4)")
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, flag) >= 1, flag, getattr(self, flag), "must be 1 or more")
+        require(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "must be 1 or more (or -1: count by epochs)")
+        require(self.num_train_epochs > 0, "num_train_epochs", self.num_train_epochs, "must be positive")
+        require(self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()), "warmup_steps",
+                self.warmup_steps, "must be a whole number of steps, or a fraction of the run below 1")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be 0 or more")
+        for flag in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, flag) < 1, flag, getattr(self, flag), "must be at least 0 and below 1")
+        require(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "must be positive")
+        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be 0 (no clipping) or more")
+        for flag in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, flag)
+            require(value is None or value > 0, flag, value, "must be positive (a fraction below 1 is a share of the run)")
+        require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be 1 or more")
+        require(self.seed >= 0, "seed", self.seed, "must be 0 or more")
+        require(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers, "must be 0 or more")
 
 
 @dataclass
@@ -129,8 +236,14 @@ class ClmTrainingArguments(RunTrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
 
+    def check_ranges(self) -> None:
+        super().check_ranges()
+        if self.max_train_tokens is not None:
+            require(self.max_train_tokens >= 1, "max_train_tokens", self.max_train_tokens, "must be a positive number of tokens")
+            if self.max_steps > 0:
+                raise UsageError("give --max_steps or --max_train_tokens, not both")
 
-SFT_FORMATS = ("alpaca", "chat", "messages", "prompt_completion", "qa", "multiple_choice")
+
 
 
 @dataclass
@@ -146,20 +259,30 @@ class SftModelArguments:
         default="c_attn,c_proj,c_fc", metadata={"help": "Comma-separated module names LoRA adapts (GPT-2's attention and MLP)."}
     )
 
+    def __post_init__(self):
+        require(self.lora_r >= 0, "lora_r", self.lora_r, "must be 0 (no LoRA) or more")
+        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be positive")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be at least 0 and below 1")
+        if self.lora_r and not any(m.strip() for m in self.lora_target_modules.split(",")):
+            raise UsageError("--lora_target_modules is empty; name the modules LoRA adapts, e.g. c_attn,c_proj,c_fc")
+
 
 @dataclass
-class SftDataArguments:
+class SftDataArguments(DataSourceArguments):
+    FILE_KINDS = ("json", "parquet")
+    FILE_HINT = "instruction data is records; give .json, .jsonl or .parquet files"
+    ALLOWS_NO_VALIDATION = True
+
     format: str = field(
         default="alpaca",
-        metadata={"help": "Layout of the examples and the prompt template they are trained in.", "choices": list(SFT_FORMATS)},
+        metadata={"help": "Layout of the examples and the prompt template they are trained in.", "choices": list(FORMATS)},
     )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or local dataset folder."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
     train_files: list[str] | None = field(default=None, metadata={"help": "Training records (.json, .jsonl, .parquet).", "nargs": "+"})
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Validation records. Unset: examples are split off the training data by a hash of their prompt.", "nargs": "+"}
     )
-    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of examples held out for validation."})
+    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of examples held out for validation (0: none)."})
     field_names: str | None = field(
         default=None,
         metadata={"help": "Columns under other names, e.g. 'instruction=task,output=answer'; the keys are the format's fields."},
@@ -174,7 +297,16 @@ class SftDataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N validation examples."})
     num_samples: int = field(default=4, metadata={"help": "Held-out prompts answered before and after tuning (samples.jsonl)."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those answers (greedy)."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.train_files):
+            raise UsageError("give the instruction data with --train_files (json, jsonl, parquet) or --dataset_name, one of the two")
+        super().__post_init__()
+        for flag in ("max_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            require(value is None or value >= 1, flag, value, "must be 1 or more")
+        require(self.num_samples >= 0, "num_samples", self.num_samples, "must be 0 or more")
+        require(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", self.sample_max_new_tokens, "must be 1 or more")
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,8 +15,17 @@ import yaml
 from transformers import HfArgumentParser
 
 
+logger = logging.getLogger("clmlab")
+
+
 class UsageError(Exception):
     """Bad input. The message says what is wrong and how to fix it; the scripts exit with status 2."""
+
+
+def require(ok: bool, flag: str, value, rule: str) -> None:
+    """For argument checks: one line naming the flag, the value given and what it must be."""
+    if not ok:
+        raise UsageError(f"--{flag} {value}: {rule}")
 
 
 def first_line(error: BaseException) -> str:
@@ -22,18 +33,46 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+_failure_handlers: list[Callable[[BaseException], None]] = []
+
+
+def on_failure(handler: Callable[[BaseException], None]) -> None:
+    """Have `handler(error)` called if the running script fails (any exception, Ctrl-C included), before the
+    error is reported: how a training run undoes what it wrote, or records that it failed."""
+    _failure_handlers.append(handler)
+
+
 def exits_on_usage_error(main: Callable) -> Callable:
-    """Turn a UsageError into one line on stderr and exit status 2, with no traceback."""
+    """Turn a UsageError into one line on stderr and exit status 2, with no traceback; on any failure, first
+    call the handlers registered with `on_failure`."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UsageError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+        except BaseException as error:
+            if not (isinstance(error, SystemExit) and error.code in (0, None)):
+                for handler in reversed(_failure_handlers):
+                    try:
+                        handler(error)
+                    except Exception as cleanup_error:  # the original error is the one to report
+                        print(f"warning: cleaning up after the error failed: {first_line(cleanup_error)}", file=sys.stderr)
+            if isinstance(error, UsageError):
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            raise
+        finally:
+            _failure_handlers.clear()
 
     return wrapper
+
+
+def setup_logging() -> None:
+    """The one logging setup of every script: INFO from the main process, warnings only from the others
+    (launchers set RANK), so a multi-GPU log is not printed once per GPU."""
+    main_process = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if main_process else logging.WARNING)
 
 
 class ArgumentParser(HfArgumentParser):
@@ -75,14 +114,25 @@ def parse_args(
     argv: Sequence[str] | None = None,
     prog: str | None = None,
     alternatives: Sequence[tuple[str, ...]] = (),
+    base_config: tuple[str | Path, Sequence[str]] | None = None,
 ):
     """Parse `[config.yaml] [--flag value ...]`; flags given after the YAML file override it.
 
     `alternatives` are groups of flags that say the same thing in different units (--max_steps and
     --max_train_tokens): one of a group given on the command line replaces the others in the YAML file.
+    `base_config` is (YAML file, flags): with no YAML file and none of those flags on the command line, the
+    file is the base and the flags given override it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ArgumentParser(dataclass_types, prog=prog)
+    if base_config and not (argv and argv[0].endswith((".yaml", ".yml"))) and "-h" not in argv and "--help" not in argv:
+        path, flags = base_config
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+        if not given & set(flags):
+            shown = Path(path).relative_to(Path(path).parents[2]) if len(Path(path).parents) > 2 else path
+            logger.info(f"no data and no model given: the built-in quickstart ({shown}) is the base"
+                        f"{', with your flags on top' if argv else ''}")
+            argv = [str(path), *argv]
     if argv and argv[0].endswith((".yaml", ".yml")):
         known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
         given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv[1:] if a.startswith("--")}

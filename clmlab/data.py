@@ -7,9 +7,10 @@ functions serve the in-memory and the streaming paths.
 
 from __future__ import annotations
 
+import codecs
 import glob
-import itertools
 import hashlib
+import itertools
 import os
 import platform
 from dataclasses import dataclass
@@ -51,12 +52,43 @@ def file_format(files: Sequence[str], flag: str) -> str:
     return kinds.pop()
 
 
+def invalid_utf8_bytes(path: str, errors: str = "strict", flag: str = "--train_files", chunk_bytes: int = 1 << 22) -> int:
+    """How many bytes of a text file are not UTF-8; with errors="strict", refuse the file at the first one.
+
+    Decoding them with replacement characters would silently change the data a comparison rests on, so
+    that is only done when asked for (--decode_errors replace), and counted. Read in chunks: constant memory.
+    """
+    count = 0
+
+    def counted(error: UnicodeDecodeError):
+        nonlocal count
+        count += error.end - error.start
+        return "\ufffd", error.end
+
+    codecs.register_error("clmlab.counted", counted)  # the registry keeps the latest handler under a name
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict" if errors == "strict" else "clmlab.counted")
+    offset = 0  # of the first byte the decoder holds back or is given
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            held = decoder.getstate()[0]  # the start of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                position = offset + error.start
+                raise UsageError(f"{flag} {path}: not UTF-8 (byte 0x{(held + chunk)[error.start]:02x} at offset {position:,}); "
+                                 "convert the file to UTF-8, or pass --decode_errors replace to read such bytes as U+FFFD") from None
+            if not chunk:
+                return count
+            offset += len(held) + len(chunk) - len(decoder.getstate()[0])
+
+
 def _has_separator_line(path: str, separator: str, probe_bytes: int = 1 << 20) -> bool:
     with open(path, encoding="utf-8", errors="replace") as handle:
         return any(line.strip() == separator for line in handle.read(probe_bytes).splitlines())
 
 
-def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, separator: str) -> Iterator[dict]:
+def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, separator: str, errors: str = "strict") -> Iterator[dict]:
     """Yield {"text": document} from text files, reading line by line so a multi-GB file never sits in memory.
 
     `sources` holds (path, size, mtime) so that datasets' cache key changes when a file does.
@@ -65,7 +97,7 @@ def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, sepa
         file_mode = mode
         if mode == "auto":
             file_mode = "separator" if _has_separator_line(path, separator) else "paragraph"
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8", errors=errors) as handle:
             if file_mode == "file":
                 text = handle.read().strip()
                 if text:
@@ -92,9 +124,9 @@ def iter_text_documents(sources: Sequence[tuple[str, int, int]], mode: str, sepa
                 yield {"text": text}
 
 
-def _text_file_documents(files: list[str], mode: str, separator: str, streaming: bool):
+def _text_file_documents(files: list[str], mode: str, separator: str, streaming: bool, errors: str = "strict"):
     sources = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files]
-    gen_kwargs = {"sources": sources, "mode": mode, "separator": separator}
+    gen_kwargs = {"sources": sources, "mode": mode, "separator": separator, "errors": errors}
     features = datasets.Features({"text": datasets.Value("string")})
     if streaming:
         return datasets.IterableDataset.from_generator(iter_text_documents, features=features, gen_kwargs=gen_kwargs)
@@ -196,25 +228,24 @@ def builtin_documents() -> list[str]:
 
 
 def load_documents(data_args, streaming: bool = False) -> dict:
-    """Return {"train": ..., "validation": ...} datasets with a single "text" column, one document per row."""
-    if data_args.dataset_name and data_args.train_files:
-        raise UsageError("give either --dataset_name or --train_files, not both")
-    if data_args.validation_files and not data_args.train_files:
-        raise UsageError("--validation_files needs --train_files")
-    if not 0 < data_args.validation_split_percentage < 100:
-        raise UsageError("--validation_split_percentage must be between 0 and 100 (exclusive)")
+    """Return {"train": ..., "validation": ...} datasets with a single "text" column, one document per row,
+    and "invalid_utf8_bytes": the bytes of text files read as U+FFFD (--decode_errors replace).
 
-    validation = None
+    The flags were checked when they were parsed (clmlab.args.DataSourceArguments)."""
+    validation, replaced = None, 0
     if data_args.train_files:
-        splits = {"train": resolve_files(data_args.train_files, "--train_files")}
-        if data_args.validation_files:
-            splits["validation"] = resolve_files(data_args.validation_files, "--validation_files")
         loaded = {}
-        for split, files in splits.items():
+        for split, files in data_args.local_files().items():
             flag = f"--{split}_files"
             kind = file_format(files, flag)
             if kind == "text":
-                loaded[split] = _text_file_documents(files, data_args.text_documents, data_args.document_separator, streaming)
+                replaced += sum(invalid_utf8_bytes(path, data_args.decode_errors, flag) for path in files)
+                sources = [(path, 0, 0) for path in files]
+                if next(iter_text_documents(sources, data_args.text_documents, data_args.document_separator, "replace"), None) is None:
+                    raise UsageError(f"{flag} {files[0]}{' ...' if len(files) > 1 else ''} holds no documents, only blank lines "
+                                     f"or {data_args.document_separator!r} separators; give files with text")
+                loaded[split] = _text_file_documents(files, data_args.text_documents, data_args.document_separator, streaming,
+                                                     data_args.decode_errors)
             else:
                 raw = read_record_files(kind, files, flag, streaming)
                 loaded[split] = _select_text(raw, data_args.text_column, f"{flag} {files[0]}")
@@ -230,6 +261,9 @@ def load_documents(data_args, streaming: bool = False) -> dict:
         train = datasets.Dataset.from_dict({"text": texts})
         if streaming:
             train = train.to_iterable_dataset()
+    if isinstance(train, datasets.Dataset) and len(train) == 0:
+        raise UsageError("the training data holds no documents with text; "
+                         f"check --text_column {data_args.text_column!r} and the files or dataset given")
 
     if validation is None:
         split = DocumentSplit(data_args.validation_split_percentage)
@@ -237,7 +271,7 @@ def load_documents(data_args, streaming: bool = False) -> dict:
             train.filter(split.train_mask, batched=True),
             train.filter(split.validation_mask, batched=True),
         )
-    return {"train": train, "validation": validation}
+    return {"train": train, "validation": validation, "invalid_utf8_bytes": replaced}
 
 
 def describe_sources(data_args) -> list[dict]:
@@ -289,6 +323,8 @@ def pack_documents(token_docs: Iterable[Sequence[int]], block_size: int) -> Iter
 
 def flat_tokens(tokenized: datasets.Dataset) -> np.ndarray:
     """All tokens of a tokenized dataset, in order, as one array read straight from the Arrow cache."""
+    if len(tokenized) == 0:  # an empty split has no columns at all
+        return np.zeros(0, dtype=np.int64)
     column = tokenized.with_format("arrow")[:]["input_ids"]
     if column.num_chunks == 0:
         return np.zeros(0, dtype=np.int64)
@@ -361,7 +397,7 @@ def build_lm_datasets(documents: dict, tokenizer, data_args, block_size: int, se
     the last partial step of an epoch is dropped, so every step sees the same number of tokens and runs on
     different data that stop at the same step have seen exactly as many tokens.
     """
-    stats: dict = {}
+    stats: dict = {"invalid_utf8_bytes": documents.get("invalid_utf8_bytes", 0)}
     validation_tokens = tokenize_documents(documents["validation"], tokenizer, data_args.preprocessing_num_workers)
     if isinstance(validation_tokens, datasets.Dataset):
         tokens = flat_tokens(validation_tokens)

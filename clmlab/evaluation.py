@@ -93,30 +93,51 @@ class PerplexityResult:
 @torch.no_grad()
 def sliding_window_perplexity(model, tokenizer, text: str, stride: int | None = None, max_length: int | None = None,
                               progress: Progress | None = None) -> PerplexityResult:
-    """Perplexity of one text read in windows of the model's context that start every `stride` tokens;
-    each token is scored once, with up to max_length - stride tokens of left context beyond its window's
-    start. An EOS in front gives the first token a context."""
+    """Perplexity of one text, every token of it scored exactly once, by windows of at most max_length
+    (default: the model's context, L) input tokens.
+
+    An EOS in front gives the first token a context. The first window reads EOS and the first L - 1 tokens
+    and scores the first L tokens, each after all the text before it. Every later window scores the next
+    `stride` tokens (the last one what is left) and reads the L tokens just before its last target, so each
+    target has as much context as a window holds: L - stride + 1 tokens for a window's first target, L for
+    its last. A smaller stride buys longer contexts, nearer the model's perplexity on running text, for
+    about one forward pass every `stride` tokens. The default stride, L, makes the windows disjoint and the
+    total exactly lm-evaluation-harness's rolling log-likelihood, so the figures compare with its wikitext
+    task. A stride above L is capped at L: the tokens between two windows would otherwise go unscored.
+    """
     max_length = max_length or context_length(model.config) or 1024
+    if stride is not None and stride < 1:
+        raise ValueError(f"stride {stride}: must be at least 1 token")
     stride = min(stride or max_length, max_length)
     ids = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n_tokens = len(ids) - 1
+    # (start, first, end): the window reads ids[start:end - 1] and scores ids[first:end].
+    windows, end = [], 1
+    while end <= n_tokens:
+        first, end = end, min(end + (max_length if end == 1 else stride), n_tokens + 1)
+        windows.append((max(0, end - 1 - max_length), first, end))
     device = next(model.parameters()).device
-    total_nll, scored, scored_until = 0.0, 0, 1
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + max_length, len(ids))
-        first_target = max(scored_until, begin + 1)
-        if first_target >= end:
-            continue
-        window = torch.tensor(ids[begin:end], device=device)[None]
-        logprobs = torch.log_softmax(model(input_ids=window).logits.float()[0], dim=-1)
-        targets = window[0, first_target - begin :]
-        predicted = logprobs[first_target - begin - 1 : end - begin - 1]
-        total_nll -= predicted.gather(1, targets[:, None]).sum().item()
-        scored += end - first_target
-        scored_until = end
+    # Every window after the first reads L tokens, so they batch without padding; the cap bounds the
+    # logits, which with GPT-2's 50k vocabulary take most of the memory.
+    per_batch = max(1, 2048 // max_length)
+    total_nll, scored, cursor = 0.0, 0, 0
+    while cursor < len(windows):
+        batch = [windows[cursor]]
+        for window in windows[cursor + 1 : cursor + per_batch]:
+            if window[2] - window[0] != batch[0][2] - batch[0][0]:
+                break
+            batch.append(window)
+        cursor += len(batch)
+        inputs = torch.tensor([ids[start : end - 1] for start, _, end in batch], device=device)
+        keep = max(end - first for _, first, end in batch)  # a window's targets are its last positions
+        logits = model(input_ids=inputs, logits_to_keep=keep).logits
+        for row, (_, first, end) in enumerate(batch):
+            logprobs = torch.log_softmax(logits[row, keep - (end - first) :].float(), dim=-1)
+            targets = torch.tensor(ids[first:end], device=device)
+            total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+            scored += end - first
         if progress:
-            progress(1)
-        if end == len(ids):
-            break
+            progress(len(batch))
     n_bytes = len(text.encode("utf-8"))
     loss = total_nll / max(scored, 1)
     return PerplexityResult(loss, math.exp(loss), total_nll / math.log(2) / max(n_bytes, 1), scored, n_bytes)

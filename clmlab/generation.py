@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import TextStreamer, set_seed
 
+from clmlab.cli import require
 from clmlab.modeling import context_length
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,17 @@ class DecodingSettings:
     num_return_sequences: int = 1
     seed: int = 42
     use_cache: bool = True
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be 1 or more")
+        require(self.num_return_sequences >= 1, "num_return_sequences", self.num_return_sequences, "must be 1 or more")
+        require(self.do_sample or self.num_return_sequences == 1, "num_return_sequences", self.num_return_sequences,
+                "greedy decoding gives one answer per prompt; pass --do_sample true for several")
+        require(self.temperature > 0, "temperature", self.temperature, "must be positive (lower is closer to greedy)")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be 0 (off) or more")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be above 0 and at most 1")
+        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be positive (1.0: none)")
+        require(self.seed >= 0, "seed", self.seed, "must be 0 or more")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "use_cache": self.use_cache,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 from clmlab.cli import UsageError, first_line
+
+logger = logging.getLogger(__name__)
 
 
 def _load_config(name_or_path: str, what: str):
@@ -19,24 +23,23 @@ def _load_config(name_or_path: str, what: str):
 
 def apply_config_overrides(config, overrides: str) -> None:
     """Apply "key=value,..." to a config, naming the valid keys when a key is unknown."""
+    from clmlab.args import parse_overrides
+
     valid = sorted(config.to_dict())
-    for item in overrides.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UsageError(f"--config_overrides item {item!r} is not key=value; write e.g. 'n_embd=128,n_layer=4,n_head=4'")
-        if key.strip() not in valid:
-            raise UsageError(f"--config_overrides key {key.strip()!r} is not a {config.model_type} config key; valid keys: {', '.join(valid)}")
+    parsed = parse_overrides(overrides)
+    for key in parsed:
+        if key not in valid:
+            raise UsageError(f"--config_overrides key {key!r} is not a {config.model_type} config key; valid keys: {', '.join(valid)}")
     try:
-        config.update_from_string(",".join(item.strip() for item in overrides.split(",")))
+        config.update_from_string(",".join(f"{k}={v}" for k, v in parsed.items()))
     except ValueError as error:
         raise UsageError(f"--config_overrides {overrides!r}: {error}") from None
 
 
 def build_config(model_args):
-    """The model's config: from the checkpoint, a named config, or --model_type's default plus overrides."""
+    """The model's config: from the checkpoint, a named config, or --model_type's default plus overrides
+    (ModelArguments has refused overrides together with a checkpoint)."""
     if model_args.model_name_or_path:
-        if model_args.config_overrides:
-            raise UsageError("--config_overrides shapes a model built from scratch; drop it or drop --model_name_or_path")
         return _load_config(model_args.config_name or model_args.model_name_or_path, "model")
     if model_args.config_name:
         config = _load_config(model_args.config_name, "config")
@@ -69,14 +72,22 @@ def check_shape(config, block_size: int) -> None:
         raise UsageError(f"--block_size {block_size} is above the model's n_positions={positions}; lower --block_size or raise n_positions")
 
 
-def fit_config_to_tokenizer(config, tokenizer, from_scratch: bool, min_vocab_size: int = 0) -> None:
+def fit_config_to_tokenizer(config, tokenizer, from_scratch: bool, min_vocab_size: int = 0, vocab_override: int | None = None) -> None:
     """From scratch the vocabulary and special ids come from the tokenizer; a checkpoint must already cover it.
 
     `min_vocab_size` is the size asked of a BPE trained on the run's data: a small corpus can give fewer
     merges, and sizing the embeddings by it would make the initial weights depend on the data.
+    `vocab_override` (vocab_size in --config_overrides) may pad the embeddings beyond the tokenizer, e.g.
+    GPT-2's 50,257 to 50,304, a multiple of 64 that matrix kernels run faster on; it may not cut them.
     """
     if from_scratch:
-        config.vocab_size = max(len(tokenizer), min_vocab_size)
+        needed = max(len(tokenizer), min_vocab_size)
+        if vocab_override is not None and vocab_override < needed:
+            raise UsageError(f"--config_overrides vocab_size={vocab_override} is smaller than the tokenizer's {needed:,} tokens; "
+                             f"give at least {needed:,} (a multiple of 64 above it, e.g. {-(-needed // 64) * 64:,}, trains faster) or drop it")
+        config.vocab_size = vocab_override or needed
+        if vocab_override and vocab_override > needed:
+            logger.info(f"vocabulary padded to {vocab_override:,} embedding rows for a {needed:,}-token tokenizer (--config_overrides)")
         config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         config.eos_token_id = tokenizer.eos_token_id
     elif len(tokenizer) > config.vocab_size:
@@ -106,3 +117,64 @@ def weights_checksum(model: torch.nn.Module) -> str:
 def parameter_count(model: torch.nn.Module) -> int:
     """Unique parameters (the tied lm_head is counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes one training process needs, by what holds them."""
+
+    weights_gradients_optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights_gradients_optimizer + self.activations + self.logits
+
+    def describe(self) -> str:
+        return (f"{size(self.total)} (weights, gradients and AdamW state {size(self.weights_gradients_optimizer)}, "
+                f"activations {size(self.activations)}, logits {size(self.logits)})")
+
+
+def size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def training_memory(config, batch: int, sequence: int, parameters: int, trainable: int, mixed_precision: bool = False,
+                    activation_checkpointing: bool = False, attention_scores: bool = True) -> MemoryEstimate:
+    """A first-order estimate of one training step's peak memory for a GPT-2-shaped model.
+
+    fp32 weights (kept in fp32 under bf16/fp16 autocast), fp32 gradients and AdamW's two moments for the
+    trained parameters. Activations kept for the backward pass: about 45 values per token, layer and hidden
+    unit (measured on transformers' GPT-2, whose MLP keeps several 4 x n_embd intermediates; Korthikanti et
+    al. 2022 count 17 for a fused implementation), plus the attention scores, probabilities and dropout
+    mask per head where the attention kernel stores them (`attention_scores`: the CPU path; fused GPU
+    kernels do not); with activation checkpointing, each layer's input and one layer's activations. Logits:
+    batch x sequence x vocabulary, with their fp32 copies and gradients in the loss. bench/memory_estimate.py
+    sets this against measured peaks.
+    """
+    n_embd, n_layer = getattr(config, "n_embd", 768), getattr(config, "n_layer", 12)
+    n_head, vocab = getattr(config, "n_head", 12), getattr(config, "vocab_size", 50257)
+    tokens = batch * sequence
+    value = 2 if mixed_precision else 4
+    layer = tokens * n_embd * 45 * value + (batch * n_head * sequence ** 2 * (3 * value + 1) if attention_scores else 0)
+    kept = n_layer * tokens * n_embd * value + layer if activation_checkpointing else n_layer * layer
+    return MemoryEstimate(weights_gradients_optimizer=4 * parameters + 12 * trainable, activations=kept,
+                          logits=tokens * vocab * (value + 20))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device a process trains on; None where that cannot be read."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            import psutil
+
+            return psutil.virtual_memory().available
+    except Exception:  # an exotic device or a sandbox that hides memory figures: no warning rather than a crash
+        return None
+    return None

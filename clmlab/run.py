@@ -1,23 +1,32 @@
-"""What every training script does around the Trainer: budgets, the output directory, run records."""
+"""The lifecycle every training script goes through, written once: plan the output directory, record the
+run, build the Trainer, train, save, evaluate a last time, record the outcome (finished, stopped or
+failed). Also the token budget and the run records."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, Sequence
+
+from transformers import TrainerCallback
 
 from clmlab.checkpoints import is_complete_checkpoint, last_complete_checkpoint, read_json
-from clmlab.cli import UsageError
+from clmlab import modeling
+from clmlab.cli import UsageError, first_line, on_failure
 
 ARGS_FILE = "run_args.json"
 INFO_FILE = "run_info.json"
+logger = logging.getLogger(__name__)
 # Arguments that change where a run writes or how it reports, not what it computes: a re-run that differs
 # only in these resumes the same run.
 NOT_RUN_DEFINING = {
@@ -25,7 +34,9 @@ NOT_RUN_DEFINING = {
     "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "local_rank", "logging_first_step",
     "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
 }
-PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "evaluate", "wandb", "numpy")
+# Every package whose version can change what a run computes or how its files are read back.
+PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft", "safetensors",
+            "huggingface_hub", "numpy", "pyarrow", "wandb")
 
 
 # --------------------------------------------------------------------------------------------------- budget
@@ -109,28 +120,6 @@ def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str
     return OutputPlan(resume_from=last_complete_checkpoint(output_dir) if policy.lower() == "auto" else None)
 
 
-def prepare_output_dir(args, resolved: dict) -> OutputPlan:
-    """The output-directory plan of a training script, acted on: a finished run is reported (the script then
-    returns its metrics), and a resumed run skips the evaluation before its first step, which its
-    checkpoint's log history already holds."""
-    plan = plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
-    if plan.finished:
-        eval_loss = plan.finished.get("final_metrics", {}).get("eval_loss")
-        shown = f"eval loss {eval_loss:.4f}" if eval_loss is not None else "no eval loss"
-        print(f"{args.output_dir} holds this run, finished: {shown}. "
-              "Nothing to do; pass --overwrite_output_dir true to train it again.")
-    if plan.resume_from:
-        args.eval_on_start = False
-    return plan
-
-
-def clear_output_dir(output_dir: str) -> None:
-    """For --overwrite_output_dir (only ever on a folder holding a clmlab run): a replaced run leaves no
-    checkpoint behind for a later run to resume."""
-    out = Path(output_dir)
-    if out.exists():
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 # --------------------------------------------------------------------------------------------------- run records
@@ -143,7 +132,6 @@ def final_evaluation(trainer) -> dict:
         if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
             return {k: v for k, v in entry.items() if k.startswith("eval_")}
     return trainer.evaluate()
-
 
 
 def package_versions() -> dict:
@@ -188,3 +176,196 @@ def run_record(resolved: dict, resumed_from: str | None, **sections) -> dict:
 
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------------------------------- the lifecycle
+
+
+class StopRequest(TrainerCallback):
+    """Ends training after the current optimizer step, with a checkpoint, once `request` is called (a
+    preemption warning, a time limit): the run is then `stopped`, and the same command resumes it."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reason is not None:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class _AtFirstStep(TrainerCallback):
+    """Calls `action` once, at the end of this process's first optimizer step (before that step's
+    checkpoint, if any, is saved)."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action: Callable[[], None] | None = action
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.action is not None:
+            action, self.action = self.action, None
+            action()
+
+
+class TrainingRun:
+    """One training command from its output-directory plan to its recorded outcome.
+
+    Nothing is written to --output_dir before the first optimizer step ends: the records (run_args.json,
+    run_info.json, the tokenizer) are written then, and a run being replaced (--overwrite_output_dir) is
+    cleared then. A command that fails before that leaves the folder as it found it: whatever it created
+    there (the Trainer makes the folder when it is built) is removed, nothing older is touched. A failure
+    after it is recorded as `failed` and the same command resumes from the last complete checkpoint.
+    """
+
+    def __init__(self, args, resolved: dict):
+        self.args, self.resolved = args, resolved
+        self.started = time.time()
+        self.out = Path(args.output_dir)
+        self.plan = plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+        self.finished, self.resume_from = self.plan.finished, self.plan.resume_from
+        self.stop = StopRequest()
+        self.training_started = False
+        self._trainer = None
+        self._info: dict = {}
+        self._existed = self.out.is_dir()
+        self._entries_before = set(os.listdir(self.out)) if self._existed else set()
+        previous = read_json(self.out / INFO_FILE) if self._existed and not self.plan.clear_first else None
+        # Each earlier attempt of this run (stopped or failed, then resumed), for requeue limits and forensics.
+        self._attempts = [*previous.get("attempts", []), {k: previous.get(k) for k in ("status", "step", "wall_seconds", "stopped", "error")}] \
+            if previous and not self.finished else []
+        if self.finished:
+            eval_loss = self.finished.get("final_metrics", {}).get("eval_loss")
+            shown = f"eval loss {eval_loss:.4f}" if eval_loss is not None else "no eval loss"
+            print(f"{args.output_dir} holds this run, finished: {shown}. "
+                  "Nothing to do; pass --overwrite_output_dir true to train it again.")
+            return
+        if self.resume_from:
+            logger.info(f"resuming from {self.resume_from}")
+            if args.eval_on_start:
+                logger.info("no evaluation before the first step: the checkpoint's log history holds the run's first one")
+                args.eval_on_start = False
+        on_failure(self._failed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.args.process_index == 0
+
+    def train(self, trainer, record: dict, sequence_length: int, report: Sequence[str] = (),
+              save_model: Callable[[], None] | None = None) -> dict:
+        """Train, then save the model (`save_model`, default `trainer.save_model`), evaluate once more and
+        record the run as finished; or, if training ended early on purpose, make sure the step's checkpoint
+        exists and record the run as stopped. `record` holds the script's own sections of run_info.json;
+        `sequence_length` is the longest training row (for the memory estimate). Returns the final metrics."""
+        self._trainer = trainer
+        self._info = run_record(self.resolved, self.resume_from, **record)
+        if self._attempts:
+            self._info["attempts"] = self._attempts
+        trainer.callback_handler.callbacks.insert(0, _AtFirstStep(self._begin_records))
+        trainer.add_callback(self.stop)
+        warn_if_short_of_memory(trainer, sequence_length)
+
+        result = trainer.train(resume_from_checkpoint=self.resume_from)
+        state = trainer.state
+        if state.global_step < state.max_steps:
+            return self._stopped(trainer)
+        (save_model or trainer.save_model)()
+        metrics = {**result.metrics, **(final_evaluation(trainer) if trainer.eval_dataset is not None else {})}
+        trainer.save_state()
+        evals = {e["step"]: e["eval_loss"] for e in state.log_history if "eval_loss" in e}
+        self._record(status="finished", final_metrics=metrics, eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"))
+        if self.is_main:
+            summary = f"\nFinished {state.global_step:,} steps, {state.num_input_tokens_seen:,} tokens"
+            if "eval_loss" in metrics:
+                start = f"{evals[0]:.4f} at the start, " if 0 in evals else ""
+                summary += f": eval loss {start}{metrics['eval_loss']:.4f} at the end (perplexity {math.exp(min(metrics['eval_loss'], 50)):.2f})"
+            print(summary + ".")
+            for line in [*report, f"Run record: {self.out / INFO_FILE}"]:
+                print(line)
+        return metrics
+
+    def _stopped(self, trainer) -> dict:
+        step = trainer.state.global_step
+        checkpoint = self.out / f"checkpoint-{step}"
+        if not is_complete_checkpoint(checkpoint):
+            # The Trainer has no public call that writes a resumable checkpoint (optimizer, scheduler and RNG
+            # states); a callback that ended training without asking for a save still gets one.
+            trainer._save_checkpoint(trainer.model, trial=None)
+        reason = self.stop.reason or "a callback ended training early"
+        self._record(status="stopped", stopped={"step": step, "max_steps": trainer.state.max_steps, "reason": reason,
+                                                "checkpoint": str(checkpoint)})
+        if self.is_main:
+            print(f"\nStopped at step {step:,} of {trainer.state.max_steps:,} ({reason}): checkpoint {checkpoint}. "
+                  "Run the same command again to continue.")
+        return {}
+
+    def _begin_records(self) -> None:
+        self.training_started = True
+        if not self.is_main:
+            return
+        if self.plan.clear_first:  # the run being replaced: only what was there before this command
+            for name in sorted(self._entries_before):
+                _remove(self.out / name)
+        write_json(self.out / ARGS_FILE, self.resolved)
+        write_json(self.out / INFO_FILE, self._info)
+        if self._trainer.processing_class is not None:
+            self._trainer.processing_class.save_pretrained(self.out)
+
+    def _record(self, **fields) -> None:
+        if not self.training_started:  # resumed at its last step: no step ran in this process
+            self._begin_records()
+        if not self.is_main:
+            return
+        state = self._trainer.state
+        self._info.update(wall_seconds=round(time.time() - self.started, 1), step=state.global_step,
+                          tokens_seen=state.num_input_tokens_seen, **fields)
+        write_json(self.out / INFO_FILE, self._info)
+
+    def _failed(self, error: BaseException) -> None:
+        if not self.is_main:
+            return
+        if not self.training_started:
+            self._undo()
+        elif self._info.get("status") == "running":
+            self._record(status="failed", error=f"{type(error).__name__}: {first_line(error)}")
+
+    def _undo(self) -> None:
+        """Remove what this command created in the output directory; never anything that was there before."""
+        if not self.out.is_dir():
+            return
+        if not self._existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.out)) - self._entries_before:
+            _remove(self.out / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def warn_if_short_of_memory(trainer, sequence_length: int) -> None:
+    """Warn before the first step, naming the knobs, when the estimated training memory of one process
+    exceeds what its device has free: an out-of-memory kill later says nothing."""
+    args, model = trainer.args, trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    estimate = modeling.training_memory(model.config, args.per_device_train_batch_size, sequence_length,
+                                        modeling.parameter_count(model), trainable, mixed_precision=args.bf16 or args.fp16,
+                                        activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)),
+                                        attention_scores=args.device.type != "cuda")
+    free = modeling.free_memory(args.device)
+    if free is None:
+        return
+    processes = args.world_size if args.device.type == "cpu" else 1  # CPU ranks share one machine's memory
+    if estimate.total * processes > free:
+        logger.warning(
+            f"training may run out of memory: about {estimate.describe()} per process"
+            f"{f' x {processes} processes' if processes > 1 else ''}, and {args.device.type} has {modeling.size(free)} free; "
+            "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the tokens per step), "
+            "--block_size or the model (n_embd, n_layer, vocabulary), or pass --activation_checkpointing true"
+        )

@@ -128,24 +128,85 @@ def test_trailing_context_space_moves_to_the_continuation(tiny):
     assert encode_pair(tokenizer, "Hello ", "world") == encode_pair(tokenizer, "Hello", " world")
 
 
-def test_perplexity_with_stride_equal_to_context_is_exp_of_mean_token_loss(tiny, shakespeare):
-    model, tokenizer = tiny
-    text = shakespeare.read_text()[:3000]
-    result = sliding_window_perplexity(model, tokenizer, text, stride=64, max_length=64)
-    ids = [tokenizer.eos_token_id] + tokenizer(text)["input_ids"]
-    losses, count = 0.0, 0
-    for begin in range(0, len(ids), 64):
-        window = torch.tensor([ids[begin : begin + 64]])
-        if window.shape[1] < 2:
-            continue
+def _next_token_log_prob(model, context: list[int], target: int) -> float:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), dim=-1)[target].item()
+
+
+@pytest.mark.parametrize("stride", [1, 5, 13, 31, 32, 40])
+def test_perplexity_scores_every_token_once_with_the_context_its_window_allows(random_gpt2, shakespeare, stride):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    window = 32  # below the model's 256, so a short text spans many windows
+    text = shakespeare.read_text()[:500]
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.eos_token_id] + tokens  # token i is ids[i + 1]
+    assert len(tokens) > 3 * window
+    widths, windows = [], []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        result = sliding_window_perplexity(model, tokenizer, text, stride=stride, max_length=window,
+                                           progress=windows.append)
+    finally:
+        hook.remove()
+    # One token at a time: the first `window` tokens see all the text before them; after them, tokens go in
+    # blocks of `step`, each block read as the `window` tokens that end just before its last token.
+    step = min(stride, window)
+    nll = 0.0
+    for i, target in enumerate(tokens):
+        if i < window:
+            start = 0
+        else:
+            last = min(window - 1 + ((i - window) // step + 1) * step, len(tokens) - 1)
+            start = last + 1 - window
+        nll -= _next_token_log_prob(model, ids[start : i + 1], target)
+    assert result.tokens == len(tokens)
+    assert max(widths) <= window
+    assert sum(windows) == 1 + math.ceil((len(tokens) - window) / step)
+    assert result.loss * result.tokens == pytest.approx(nll, rel=1e-6)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-6)
+
+
+def test_default_stride_is_lm_evaluation_harness_rolling_loglikelihood(random_gpt2, shakespeare):
+    """lm-evaluation-harness's definition: disjoint windows of the context's length L. The first reads EOS and
+    the first L - 1 tokens and predicts the first L; each later one predicts the next L (or what is left)
+    from the L tokens just before each of them, so its first target is predicted from one token."""
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    context = model.config.n_positions
+    text = shakespeare.read_text()[:4000]
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokens) > 3 * context and len(tokens) % context  # several windows, the last one short
+    reference, predicted = 0.0, 0
+    while predicted < len(tokens):
+        n = min(context, len(tokens) - predicted)
+        end = predicted + n
+        inputs = [tokenizer.eos_token_id] + tokens[: n - 1] if predicted == 0 else tokens[end - context - 1 : end - 1]
         with torch.no_grad():
-            losses += model(window, labels=window).loss.item() * (window.shape[1] - 1)
-        count += window.shape[1] - 1
-    assert result.tokens == count
-    assert result.perplexity == pytest.approx(math.exp(losses / count), rel=1e-5)
-    assert result.bits_per_byte == pytest.approx(losses / math.log(2) / len(text.encode()), rel=1e-5)
-    overlapping = sliding_window_perplexity(model, tokenizer, text, stride=16, max_length=64)
-    assert overlapping.tokens == len(ids) - 1  # with overlap every token is scored exactly once
+            logprobs = torch.log_softmax(model(torch.tensor([inputs])).logits[0, -n:].float(), dim=-1)
+        reference -= logprobs.gather(1, torch.tensor(tokens[predicted:end])[:, None]).sum().item()
+        predicted = end
+    result = sliding_window_perplexity(model, tokenizer, text)
+    assert result.tokens == len(tokens)
+    assert result.loss * result.tokens == pytest.approx(reference, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(reference / len(tokens)), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(reference / math.log(2) / len(text.encode()), rel=1e-5)
+    assert result.bytes == len(text.encode())
+    for stride in (context, context + 100):  # the context itself, and a stride past it capped to it
+        assert sliding_window_perplexity(model, tokenizer, text, stride=stride) == result
+
+
+def test_a_text_shorter_than_a_window_is_one_window_after_eos(random_gpt2):
+    model, tokenizer, _ = load_for_inference(str(random_gpt2), "cpu", "float32")
+    for text in ("To be, or not to be, that is the question:", "Hello"):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([[tokenizer.eos_token_id] + tokens[:-1]])).logits[0].float()
+        reference = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None]).sum().item()
+        for stride in (None, 1):  # one window whatever the stride
+            windows = []
+            result = sliding_window_perplexity(model, tokenizer, text, stride=stride, progress=windows.append)
+            assert (result.tokens, sum(windows)) == (len(tokens), 1)
+            assert result.loss * result.tokens == pytest.approx(reference, rel=1e-5)
 
 
 def test_qa_scores():

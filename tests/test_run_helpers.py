@@ -24,13 +24,15 @@ def test_token_budget_becomes_steps():
 
 def test_yaml_first_then_flags_override_it(tmp_path):
     config = tmp_path / "x.yaml"
-    config.write_text("max_steps: 100\nconfig_overrides: n_embd=64,n_layer=2,n_head=2\ntrain_files: [a.txt, b.txt]\n"
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("text\n")
+    config.write_text(f"max_steps: 100\nconfig_overrides: n_embd=64,n_layer=2,n_head=2\ntrain_files: [{tmp_path}/a.txt, {tmp_path}/b.txt]\n"
                       "streaming: true\nlearning_rate: 3.0e-4\n")
     model, data, training = parse_args(TYPES, [str(config), "--max_steps", "7"])
     assert training.max_steps == 7
     assert training.learning_rate == 3e-4
     assert model.config_overrides == "n_embd=64,n_layer=2,n_head=2"
-    assert data.train_files == ["a.txt", "b.txt"] and data.streaming is True
+    assert data.train_files == [f"{tmp_path}/a.txt", f"{tmp_path}/b.txt"] and data.streaming is True
 
 
 def test_a_budget_flag_replaces_the_yaml_budget(tmp_path):

@@ -47,7 +47,7 @@ def test_alpaca_tuning_lowers_eval_loss_and_records_what_was_trained(tmp_path, b
     losses = evals(out)
     assert sorted(losses) == [0, 20, 40]
     assert info["eval_loss_before"] == losses[0] and info["eval_loss_after"] == losses[40] < losses[0] - 1.0
-    assert "Eval loss on response tokens" in done.stdout
+    assert f"eval loss {losses[0]:.4f} at the start, {losses[40]:.4f} at the end" in done.stdout
 
     train, validation = info["data"]["train"], info["data"]["validation"]
     assert train["examples"] + validation["examples"] == 1100

@@ -3,7 +3,11 @@ out itself; the collator; truncation; the chat template saved with the tokenizer
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +287,102 @@ def test_eval_loss_is_the_mean_over_response_tokens_whatever_the_batch_size(tmp_
         assert eval_loss(sft.ResponseTokenTrainer, batch_size) == pytest.approx(expected, rel=1e-5)
     # The plain Trainer averages batch means over examples: off once batches mix lengths.
     assert eval_loss(Trainer, 7) != pytest.approx(expected, rel=1e-5)
+
+
+LONG = "Say nothing at all about this. " * 40  # a prompt longer than --max_length 100: its example is dropped
+
+
+def alpaca(output, instruction="Answer briefly."):
+    return {"instruction": instruction, "input": "", "output": output}
+
+
+def conversation(*answers, prompt="Hi", trailing_user=False):
+    turns = [{"role": "system", "content": "Be brief."}]
+    for answer in answers:
+        turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return {"messages": turns + ([{"role": "user", "content": "Thanks"}] if trailing_user else [])}
+
+
+EMPTY_RESPONSE_CASES = {
+    # (train records, validation records, empty responses among the train and validation examples used)
+    "alpaca": ([alpaca("A."), alpaca(""), alpaca("   "), alpaca("B"), alpaca("\n\t "), alpaca("", instruction=LONG)],
+               [alpaca(""), alpaca("C")], (3, 1)),
+    # Only the last assistant turn counts: an empty earlier answer does not, one before a closing user turn does.
+    "messages": ([conversation(""), conversation("", "ok"), conversation("x", "   "), conversation("fine"),
+                  conversation("", trailing_user=True), conversation("", prompt=LONG)],
+                 [conversation("Hello", " "), conversation("", "Bye")], (3, 1)),
+}
+
+
+def build_split(tmp_path, tokenizer, fmt, train, validation, **data_args):
+    files = {}
+    for split, records in (("train", train), ("validation", validation)):
+        files[split] = tmp_path / f"{fmt}-{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = SftDataArguments(format=fmt, train_files=[str(files["train"])], validation_files=[str(files["validation"])],
+                            **data_args)
+    sft.prepare_tokenizer(tokenizer, STYLES[sft.FORMATS[fmt].style])
+    return sft.build_sft_datasets(sft.load_records(args), tokenizer, args, 100)
+
+
+def empty_response_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "empty response" in r.getMessage()]
+
+
+@pytest.mark.parametrize("fmt,workers", [("alpaca", None), ("messages", 2)])
+def test_empty_responses_are_counted_per_split_and_warned_of_once(tmp_path, tokenizer, caplog, fmt, workers):
+    train, validation, (in_train, in_validation) = EMPTY_RESPONSE_CASES[fmt]
+    with caplog.at_level(logging.WARNING):
+        data = build_split(tmp_path, tokenizer, fmt, train, validation, preprocessing_num_workers=workers)
+    assert data.stats["train"]["dropped"] == 1  # the long prompt's: not used, so not counted
+    assert (data.stats["train"]["empty_responses"], data.stats["validation"]["empty_responses"]) == (in_train, in_validation)
+    assert sum(data.train["empty_response"]) == in_train and sum(data.validation["empty_response"]) == in_validation
+    assert empty_response_warnings(caplog) == [
+        f"{in_train} training and {in_validation} validation examples have an empty response (blank or whitespace only): "
+        "their answer is the end token alone; drop or fix them if that is not what you want"]
+
+    # Counted over the examples used: the first two training examples hold one.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        data = build_split(tmp_path, tokenizer, fmt, train, validation[-1:], max_train_samples=2)
+    assert (data.stats["train"]["empty_responses"], data.stats["validation"]["empty_responses"]) == (1, 0)
+    assert empty_response_warnings(caplog) == [
+        "1 training example has an empty response (blank or whitespace only): its answer is the end token alone; "
+        "drop or fix it if that is not what you want"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        data = build_split(tmp_path, tokenizer, fmt, train[3:4], validation[-1:])  # no empty response: no word
+    assert data.stats["train"]["empty_responses"] == data.stats["validation"]["empty_responses"] == 0
+    assert empty_response_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("fmt,record,end", [
+    ("alpaca", alpaca(""), EOS),
+    ("prompt_completion", {"prompt": "The answer is", "completion": ""}, EOS),
+    ("chat", {"prompt": "Say nothing.", "completion": ""}, "<|end|>"),
+    ("messages", conversation(""), "<|end|>"),
+], ids=["alpaca", "prompt_completion", "chat", "messages"])
+def test_an_empty_response_trains_the_end_token_alone(tmp_path, tokenizer, fmt, record, end):
+    data = build(tmp_path, tokenizer, [record], fmt)
+    example = data.train[0]
+    assert [label for label in example["labels"] if label != sft.IGNORE_INDEX] == [tokenizer.convert_tokens_to_ids(end)]
+    assert example["empty_response"] and example["response_tokens"] == example["trained_tokens"] == 1
+    assert data.stats["train"]["empty_responses"] == 1
+
+
+def test_data_modules_import_nothing_of_training():
+    """formats and encoding stay data code: reading and tokenizing records needs no model, Trainer or peft."""
+    forbidden = ("torch.nn", "torch.optim", "transformers.trainer", "transformers.Trainer", "peft", "clmlab.modeling",
+                 "clmlab.run", "clmlab.checkpoints", "clmlab.generation", "clmlab.evaluation", "clmlab.sft.training")
+    for module in ("clmlab.sft.formats", "clmlab.sft.encoding"):
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                imported.add(f"{node.value.id}.{node.attr}")  # torch.nn used through a plain `import torch`
+        assert not [name for name in imported if any(name == f or name.startswith(f + ".") for f in forbidden)], module

@@ -1,0 +1,159 @@
+"""The training lifecycle both scripts share (clmlab.run.TrainingRun): finished, stopped or failed, and a
+failure before the first step leaves the output directory as it was."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import pytest
+
+from conftest import REPO, logged, shared
+
+pytestmark = pytest.mark.e2e
+
+CLM_TINY = ["--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64", "--block_size", "64",
+            "--per_device_train_batch_size", "4", "--tokenizer_vocab_size", "512", "--learning_rate", "3e-3",
+            "--disable_tqdm", "true", "--seed", "3", "--max_eval_samples", "4", "--logging_steps", "1"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def clm_args(out, max_steps=6, *extra):
+    return ["--train_files", str(shared("tinyshakespeare/input.txt")), "--output_dir", str(out), "--max_steps", str(max_steps),
+            "--eval_steps", "4", "--save_steps", "100", *CLM_TINY, *map(str, extra)]
+
+
+def sft_args(out, max_steps=6, *extra):
+    return ["--model_name_or_path", str(shared("tiny_gpt2_random")), "--train_files", str(shared("instruct/instruction-data.json")),
+            "--output_dir", str(out), "--max_steps", str(max_steps), "--max_length", "64", "--max_eval_samples", "8",
+            "--eval_steps", "4", "--save_steps", "100", "--num_samples", "1", "--sample_max_new_tokens", "4",
+            "--logging_steps", "1", "--disable_tqdm", "true", *map(str, extra)]
+
+
+SCRIPTS = {"run_clm.py": clm_args, "run_sft.py": sft_args}
+
+
+def info(out) -> dict:
+    return json.loads((out / "run_info.json").read_text())
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
+
+
+@pytest.fixture
+def stop_at_step_3(monkeypatch):
+    """A stop requested during step 3, as a preemption handler would request it."""
+    from clmlab import run
+
+    original = run.StopRequest.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            self.request("test: stop requested at step 3")
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(run.StopRequest, "on_step_end", on_step_end)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_stopped_run_keeps_a_checkpoint_and_the_same_command_finishes_it(tmp_path, stop_at_step_3, script):
+    out, whole = tmp_path / "stopped", tmp_path / "whole"
+    main = load_script(script).main
+    assert main(SCRIPTS[script](out)) == {}
+    record = info(out)
+    assert record["status"] == "stopped" and record["step"] == 3
+    assert record["stopped"] == {"step": 3, "max_steps": 6, "reason": "test: stop requested at step 3", "checkpoint": str(out / "checkpoint-3")}
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file() and (out / "checkpoint-3" / "optimizer.pt").is_file()
+    assert not (out / "model.safetensors").exists() and "final_metrics" not in record  # no final model, no final evaluation
+    assert not (out / "trainer_state.json").exists()
+    if script == "run_sft.py":
+        assert all(s["after"] is None for s in map(json.loads, (out / "samples.jsonl").read_text().splitlines()))
+
+    stop_at_step_3.undo()
+    metrics = main(SCRIPTS[script](out))  # the same command again
+    record = info(out)
+    assert record["status"] == "finished" and record["step"] == 6 and record["resumed_from"] == str(out / "checkpoint-3")
+    assert [a["status"] for a in record["attempts"]] == ["stopped"] and record["attempts"][0]["step"] == 3
+    assert (out / "model.safetensors").is_file() and metrics["eval_loss"] == record["final_metrics"]["eval_loss"]
+    main(SCRIPTS[script](whole))
+    assert logged(out, "loss") == logged(whole, "loss")  # nothing lost, nothing repeated
+
+
+class SimulatedOutOfMemory(RuntimeError):
+    pass
+
+
+def fail_at_training_step(monkeypatch, call: int):
+    from transformers import Trainer
+
+    original, calls = Trainer.training_step, []
+
+    def training_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise SimulatedOutOfMemory("CUDA out of memory (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+
+
+@pytest.mark.parametrize("before", ["absent", "empty", "a previous run"])
+def test_a_failure_before_the_first_step_leaves_the_output_directory_as_it_was(tmp_path, monkeypatch, before):
+    out = tmp_path / "out"
+    main = load_script("run_clm.py").main
+    if before == "empty":
+        out.mkdir()
+    elif before == "a previous run":
+        main(clm_args(out, 2))
+    was = snapshot(out)
+    fail_at_training_step(monkeypatch, call=1)
+    with pytest.raises(SimulatedOutOfMemory):  # a real failure keeps its traceback
+        main(clm_args(out, 5, "--overwrite_output_dir", "true"))  # replacing the previous run, if any
+    assert snapshot(out) == was
+
+
+def test_a_failure_after_the_first_step_is_recorded_and_the_run_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    main = load_script("run_clm.py").main
+    fail_at_training_step(monkeypatch, call=4)
+    with pytest.raises(SimulatedOutOfMemory):
+        main(clm_args(out, 6, "--save_steps", 2))
+    record = info(out)
+    assert record["status"] == "failed" and record["step"] == 3
+    assert record["error"] == "SimulatedOutOfMemory: CUDA out of memory (simulated)"
+    monkeypatch.undo()
+    main(clm_args(out, 6, "--save_steps", 2))
+    record = info(out)
+    assert record["status"] == "finished" and record["resumed_from"] == str(out / "checkpoint-2")
+    assert record["attempts"][0]["status"] == "failed"
+
+
+def test_the_memory_estimate_warns_before_the_first_step(tmp_path, monkeypatch, caplog):
+    from clmlab import modeling
+
+    monkeypatch.setattr(modeling, "free_memory", lambda device: 1 << 20)  # a device with 1 MiB free
+    with caplog.at_level(logging.WARNING, logger="clmlab.run"):
+        load_script("run_clm.py").main(clm_args(tmp_path / "out", 1, "--eval_on_start", "false"))
+    warnings = [r.getMessage() for r in caplog.records if "may run out of memory" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "--per_device_train_batch_size" in warnings[0] and "--block_size" in warnings[0] and "cpu has 1.0 MiB free" in warnings[0]
+
+
+def test_a_vocabulary_padded_beyond_the_tokenizer_is_honoured_and_recorded(tmp_path):
+    out = tmp_path / "padded"
+    load_script("run_clm.py").main(
+        ["--train_files", str(shared("tinyshakespeare/input.txt")), "--tokenizer_name", str(shared("tiny_gpt2_random")),
+         "--output_dir", str(out), "--max_steps", "1", "--eval_on_start", "false", *CLM_TINY,
+         "--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64,vocab_size=50304"])
+    record = info(out)
+    assert record["model"]["config"]["vocab_size"] == 50304 and record["model"]["tokenizer_tokens"] == 50257
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 50304
