@@ -11,7 +11,6 @@ one comparison table.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from clmlab import evaluation
 from clmlab.checkpoints import LoadArguments, load_for_inference
-from clmlab.cli import UsageError, exits_on_usage_error, first_line, parse_args
+from clmlab.cli import UsageError, exits_on_usage_error, first_line, parse_args, require, setup_logging
 from clmlab.generation import DecodingSettings, generate
 
 TASKS = ("perplexity", "hellaswag", "multiple_choice", "qa")
@@ -36,11 +35,16 @@ class EvalArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
     split: str = field(default="validation", metadata={"help": "Split of --dataset_name."})
     text_column: str = field(default="text", metadata={"help": "Text field of jsonl or dataset records (perplexity)."})
-    stride: int | None = field(default=None, metadata={"help": "Perplexity window start every N tokens (default: the context)."})
+    stride: int | None = field(default=None, metadata={"help": "Perplexity: each window after the first scores N new tokens (default and most: the context)."})
     limit: int | None = field(default=None, metadata={"help": "Score only the first N examples."})
     batch_size: int = field(default=16, metadata={"help": "Sequences scored together."})
     max_new_tokens: int = field(default=24, metadata={"help": "Answer length for --task qa (greedy)."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
+
+    def __post_init__(self):
+        for flag in ("batch_size", "max_new_tokens", "limit", "stride"):
+            value = getattr(self, flag)
+            require(value is None or value >= 1, flag, value, "must be 1 or more")
 
 
 def load_records(args: EvalArguments) -> list[dict]:
@@ -127,10 +131,8 @@ def comparison_table(results: dict[str, dict]) -> str:
 
 @exits_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
     args, placement = parse_args([EvalArguments, LoadArguments], argv, prog="run_eval.py")
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    if min(args.batch_size, args.max_new_tokens, args.limit or 1, args.stride or 1) < 1:
-        raise UsageError("--batch_size, --max_new_tokens, --limit and --stride must be positive")
     records = load_records(args)  # bad data fails before any model is loaded
     if not records:
         raise UsageError("no records to evaluate")

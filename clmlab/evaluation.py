@@ -108,7 +108,7 @@ def sliding_window_perplexity(model, tokenizer, text: str, stride: int | None = 
     max_length = max_length or context_length(model.config) or 1024
     if stride is not None and stride < 1:
         raise ValueError(f"stride {stride}: must be at least 1 token")
-    stride = min(stride or max_length, max_length)
+    stride = max_length if stride is None else min(stride, max_length)
     ids = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n_tokens = len(ids) - 1
     # (start, first, end): the window reads ids[start:end - 1] and scores ids[first:end].

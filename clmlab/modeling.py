@@ -163,7 +163,7 @@ def training_memory(config, batch: int, sequence: int, parameters: int, trainabl
     layer = tokens * n_embd * 45 * value + (batch * n_head * sequence ** 2 * (3 * value + 1) if attention_scores else 0)
     kept = n_layer * tokens * n_embd * value + layer if activation_checkpointing else n_layer * layer
     return MemoryEstimate(weights_gradients_optimizer=4 * parameters + 12 * trainable, activations=kept,
-                          logits=tokens * vocab * (value + 20))
+                          logits=tokens * vocab * (value + 16))
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -99,9 +99,10 @@ class TokenizerArguments:
 def main(argv=None) -> None:
     """Train on the same training split run_clm.py would, so both give the same tokenizer for the same data."""
     from clmlab.args import DataArguments
-    from clmlab.cli import parse_args
+    from clmlab.cli import parse_args, setup_logging
     from clmlab.data import load_documents
 
+    setup_logging()
     data_args, tok_args = parse_args([DataArguments, TokenizerArguments], argv, prog="python -m clmlab.tokenizer")
     if os.path.isdir(tok_args.output_dir) and os.listdir(tok_args.output_dir):
         raise UsageError(f"--output_dir {tok_args.output_dir} is not empty; choose a new folder")

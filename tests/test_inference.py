@@ -346,13 +346,16 @@ def test_eval_tables_several_checkpoints(tmp_path, trained_run, tiny_gpt2, capsy
     assert qa[str(trained_run)]["examples"] == 4
 
 
-@pytest.mark.parametrize("case", ["qa answer past the context", "json object", "empty text", "missing text field"])
+@pytest.mark.parametrize("case", ["qa answer past the context", "json object", "empty text", "missing text field", "zero stride"])
 def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, trained_run, capsys):
     files = {"json object": ("o.json", '{"text": "hello"}'), "empty text": ("e.txt", ""),
-             "missing text field": ("m.jsonl", '{"text": "a"}\n{"body": "b"}\n'), "qa answer past the context": ("q.jsonl", "")}
+             "missing text field": ("m.jsonl", '{"text": "a"}\n{"body": "b"}\n'), "qa answer past the context": ("q.jsonl", ""),
+             "zero stride": ("z.txt", "hello")}
     name, content = files[case]
     (tmp_path / name).write_text(content)
     argv = ["--checkpoint", str(trained_run), "--task", "perplexity", "--data_file", str(tmp_path / name)]
+    if case == "zero stride":
+        argv += ["--stride", "0"]
     if case == "qa answer past the context":
         argv = ["--checkpoint", str(trained_run), "--task", "qa", "--data_file", str(shared("qa/webglm_nq_open.jsonl")),
                 "--limit", "2", "--max_new_tokens", "64"]  # the context is 64
@@ -361,3 +364,19 @@ def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, trained_run, caps
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be 1 or more"),
+    (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--top_p", "0"], "--top_p 0.0: must be above 0 and at most 1"),
+    (["--top_k", "-1"], "--top_k -1: must be 0 (off) or more"),
+    (["--repetition_penalty", "0"], "--repetition_penalty 0.0: must be positive"),
+    (["--do_sample", "false", "--num_return_sequences", "3"], "greedy decoding gives one answer per prompt"),
+])
+def test_decoding_settings_are_checked_when_parsed(flags, message):
+    from clmlab.cli import UsageError, parse_args
+    from clmlab.generation import DecodingSettings
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_args([DecodingSettings], flags)

@@ -157,3 +157,26 @@ def test_a_vocabulary_padded_beyond_the_tokenizer_is_honoured_and_recorded(tmp_p
     record = info(out)
     assert record["model"]["config"]["vocab_size"] == 50304 and record["model"]["tokenizer_tokens"] == 50257
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 50304
+
+
+def test_a_callback_that_ends_training_early_still_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """Not only a stop request: any callback that ends training before max_steps (without asking for a save)."""
+    from callbacks import ThroughputCallback
+
+    original = ThroughputCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            control.should_training_stop = True
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(ThroughputCallback, "on_step_end", on_step_end)
+    out = tmp_path / "out"
+    main = load_script("run_clm.py").main
+    main(clm_args(out, 5))
+    record = info(out)
+    assert record["status"] == "stopped" and record["stopped"]["reason"] == "a callback ended training early"
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    main(clm_args(out, 5))
+    assert info(out)["status"] == "finished" and sorted(logged(out, "loss")) == [1, 2, 3, 4, 5]

@@ -196,6 +196,29 @@ def content_jsonl(tmp_path):
     return path
 
 
+@pytest.fixture
+def empty_txt(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def blank_txt(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("\n\n   \n<|endoftext|>\n\n")
+    return path
+
+
+@pytest.fixture
+def random_bytes_txt(tmp_path):
+    import random
+
+    path = tmp_path / "random.txt"
+    path.write_bytes("Plain text first. ".encode() * 100 + random.Random(0).randbytes(20_000))
+    return path
+
+
 BAD_INPUTS = {
     "unknown override key": (["--config_overrides", "n_embed=64"], "valid keys: "),
     "n_embd not divisible by n_head": (["--config_overrides", "n_embd=100,n_head=3"], "not divisible by n_head=3"),
@@ -207,13 +230,38 @@ BAD_INPUTS = {
     "overrides with a checkpoint": (["--model_name_or_path", "{tiny_gpt2}", "--config_overrides", "n_layer=2"], "drop it or drop --model_name_or_path"),
     "unknown flag": (["--max_stepz", "5"], "unrecognized arguments"),
     "both budgets": (["--max_steps", "5", "--max_train_tokens", "1000"], "not both"),
+    # The cases of issue 8, and their class.
+    "empty training file": (["--train_files", "{empty_txt}"], "empty (0 bytes)"),
+    "training file of blank lines": (["--train_files", "{blank_txt}"], "holds no documents"),
+    "text file that is not UTF-8": (["--train_files", "{random_bytes_txt}"], "not UTF-8 (byte 0x"),
+    "batch size 0": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be 1 or more"),
+    "negative learning rate": (["--learning_rate", "-1"], "--learning_rate -1.0: must be positive"),
+    "vocab_size below the tokenizer's": (["--tokenizer_name", "{tiny_gpt2}", "--config_overrides", "n_embd=32,n_layer=1,n_head=2,vocab_size=1000"],
+                                         "vocab_size=1000 is smaller than the tokenizer's 50,257 tokens"),
+    "vocab_size below the BPE's": (["--config_overrides", "vocab_size=1000", "--tokenizer_vocab_size", "4096"], "smaller than the 4,096-token BPE"),
+    "accumulation 0": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be 1 or more"),
+    "max_steps 0": (["--max_steps", "0"], "--max_steps 0: must be 1 or more"),
+    "token budget 0": (["--max_train_tokens", "0"], "--max_train_tokens 0: must be a positive number of tokens"),
+    "block size 0": (["--block_size", "0"], "--block_size 0: must be 1 or more"),
+    "no validation share": (["--validation_split_percentage", "0"], "--validation_split_percentage 0.0: must be above 0"),
+    "all held out": (["--validation_split_percentage", "100"], "below 100"),
+    "negative warmup": (["--warmup_steps", "-5"], "--warmup_steps -5.0: must be a whole number of steps"),
+    "fractional warmup steps": (["--warmup_steps", "2.5"], "or a fraction of the run below 1"),
+    "beta2 of 1": (["--adam_beta2", "1.0"], "--adam_beta2 1.0: must be at least 0 and below 1"),
+    "evaluation every 0 steps": (["--eval_steps", "0"], "--eval_steps 0.0: must be positive"),
+    "eval samples 0": (["--max_eval_samples", "0"], "--max_eval_samples 0: must be 1 or more"),
+    "tiny BPE": (["--tokenizer_vocab_size", "100"], "at least 257 tokens"),
+    "override not key=value": (["--config_overrides", "n_embd"], "is not key=value"),
+    "negative seed": (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    "dataset and files": (["--dataset_name", "x", "--train_files", "{shakespeare}"], "not both"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(case, tmp_path, capsys, request):
     argv, expected = BAD_INPUTS[case]
-    fixtures = {name: request.getfixturevalue(name) for name in ("tiny_gpt2", "wide_tokenizer", "content_jsonl", "shakespeare")
+    fixtures = {name: request.getfixturevalue(name) for name in ("tiny_gpt2", "wide_tokenizer", "content_jsonl", "shakespeare",
+                                                                 "empty_txt", "blank_txt", "random_bytes_txt")
                 if any("{" + name + "}" in a for a in argv)}
     out = tmp_path / "never_made"
     argv = [a.format(**fixtures) for a in argv] + ["--output_dir", str(out)]
@@ -225,6 +273,51 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(case, tmp_path, c
     assert len(message) == 1 and expected in message[0], err
     assert "Traceback" not in "\n".join(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["negative learning rate", "text file that is not UTF-8", "training file of blank lines", "batch size 0"])
+def test_bad_input_leaves_a_previous_run_untouched(case, tmp_path, capsys, request, shakespeare):
+    """Even when told to replace the run in --output_dir, a command refused for bad input changes nothing."""
+    out = tmp_path / "previous"
+    run_clm("--train_files", shakespeare, "--output_dir", out, "--max_steps", 1, "--eval_on_start", "false",
+            "--max_eval_samples", 2, *TINY)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv, expected = BAD_INPUTS[case]
+    fixtures = {name: request.getfixturevalue(name) for name in ("random_bytes_txt", "blank_txt") if any("{" + name + "}" in a for a in argv)}
+    argv = [*TINY, "--max_eval_samples", "2", "--train_files", str(shakespeare), "--max_steps", "2",
+            *[a.format(**fixtures) for a in argv], "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    with pytest.raises(SystemExit) as exited:
+        load_run_clm().main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and expected in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_non_utf8_bytes_are_read_as_replacement_characters_only_when_asked_and_counted(tmp_path, shakespeare):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(shakespeare.read_bytes()[:30_000] + "\n\nCaf\u00e9 cr\u00e8me.\n".encode("latin-1"))
+    common = ["--train_files", data, "--max_steps", 1, "--eval_on_start", "false", "--max_eval_samples", 2, *TINY]
+    refused = run_clm(*common, "--output_dir", tmp_path / "strict", check=False)
+    offset = len(shakespeare.read_bytes()[:30_000]) + len("\n\nCaf")
+    assert refused.returncode == 2 and f"not UTF-8 (byte 0xe9 at offset {offset:,})" in refused.stderr
+    run_clm(*common, "--output_dir", tmp_path / "replace", "--decode_errors", "replace")
+    assert json.loads((tmp_path / "replace" / "run_info.json").read_text())["data"]["invalid_utf8_bytes"] == 2
+
+
+def test_with_no_data_and_no_model_the_quickstart_is_the_base(tmp_path, shakespeare):
+    from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
+    from clmlab.cli import parse_args
+
+    script = load_run_clm()
+    types = [ModelArguments, DataArguments, ClmTrainingArguments]
+    base = ("dataset_name", "train_files", "model_name_or_path")
+    model, data, args = parse_args(types, ["--max_steps", "50", "--output_dir", str(tmp_path / "x")],
+                                   base_config=(script.QUICKSTART, base))
+    assert (model.config_overrides, model.tokenizer_vocab_size, data.block_size) == ("n_embd=128,n_layer=4,n_head=4,n_positions=128", 4096, 128)
+    assert args.max_steps == 50 and args.output_dir == str(tmp_path / "x") and args.learning_rate == 1e-3
+    model, data, args = parse_args(types, ["--train_files", str(shakespeare), "--output_dir", str(tmp_path / "y")],
+                                   base_config=(script.QUICKSTART, base))
+    assert model.config_overrides is None and args.max_steps == -1  # data given: the quickstart plays no part
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, shakespeare):

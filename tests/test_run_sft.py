@@ -151,6 +151,12 @@ def test_two_rank_lora_run_trains_every_example_once_per_epoch(tmp_path, base_mo
     (["--train_files", "{instruct}", "--format", "qa"], "--format qa reads the columns 'question', 'answer'"),
     (["--train_files", "{instruct}", "--max_length", 4096], "--max_length 4096: must be between 1 and the model's context of 128"),
     (["--train_files", "{instruct}", "--field_names", "prompt=instruction"], "--format alpaca has the fields"),
+    (["--train_files", "{instruct}", "--lora_r", "-1"], "--lora_r -1: must be 0 (no LoRA) or more"),
+    (["--train_files", "{instruct}", "--lora_r", "8", "--lora_dropout", "1.0"], "--lora_dropout 1.0: must be at least 0 and below 1"),
+    (["--train_files", "{instruct}", "--num_samples", "-1"], "--num_samples -1: must be 0 or more"),
+    (["--train_files", "{instruct}", "--max_length", "0"], "--max_length 0: must be 1 or more"),
+    (["--train_files", "{instruct}", "--validation_split_percentage", "100"], "must be at least 0 and below 100"),
+    (["--train_files", "{instruct}", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be 1 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, base_model, args, message):
     paths = {"shakespeare": shared("tinyshakespeare/input.txt"), "instruct": shared("instruct/instruction-data.json")}
