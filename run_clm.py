@@ -17,7 +17,7 @@ from transformers import Trainer, default_data_collator
 
 from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
 from callbacks.loss_plot import PLOT_FILE
-from clmlab import data, modeling, run
+from clmlab import data, modeling, prepared, run
 from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments, parse_overrides
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
 from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
@@ -43,33 +43,46 @@ def main(argv: list[str] | None = None) -> dict:
     if training.finished:
         return training.finished["final_metrics"]
 
-    # 2. Documents, tokenizer, model (seeded before any token is made), blocks.
+    # 2. Documents (none to read from a prepared folder), tokenizer, model (seeded before any token is made).
+    corpus = data_args.dataset_name if prepared.is_prepared(data_args.dataset_name) else None
+    if corpus and data_args.streaming:
+        raise UsageError(f"--dataset_name {corpus} is a prepared folder: it is read in place, never streamed; drop --streaming")
     with args.main_process_first(desc="reading documents"):
-        documents = data.load_documents(data_args, streaming=data_args.streaming)
-    tokenizer = tokenizer_for_run(model_args, data_args, documents)
+        documents = None if corpus else data.load_documents(data_args, streaming=data_args.streaming)
+    tokenizer = prepared.tokenizer_for_prepared(corpus, model_args) if corpus else tokenizer_for_run(model_args, data_args, documents)
     vocab_override = parse_overrides(model_args.config_overrides).get("vocab_size")
     modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path,
-                                     min_vocab_size=model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0,
+                                     min_vocab_size=model_args.tokenizer_vocab_size if trains_tokenizer(model_args) and not corpus else 0,
                                      vocab_override=int(vocab_override) if vocab_override else None)
     model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
     initial_checksum = modeling.weights_checksum(model)
-    step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
-    with args.main_process_first(desc="tokenizing and packing"):
-        lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, step_tokens // block_size)
     n_params = modeling.parameter_count(model)
-    for split in ("train", "validation"):
-        counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
-        logger.info(f"{split}: {', '.join(counts) or 'streamed, counted as it is read'}")
     logger.info(f"model: {n_params:,} parameters, initial weights sha256 {initial_checksum[:16]}...")
 
     # 3. The budget: runs on different data stop at the same step, having seen the same number of tokens.
+    step_tokens = run.tokens_per_step(block_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+    global_batch = step_tokens // block_size
     if args.max_train_tokens:
         args.max_steps = run.steps_for_token_budget(args.max_train_tokens, step_tokens)
         logger.info(f"--max_train_tokens {args.max_train_tokens:,} = {args.max_steps:,} steps of {step_tokens:,} tokens "
                     f"(block {block_size} x batch {args.per_device_train_batch_size} x accumulation "
                     f"{args.gradient_accumulation_steps} x world {args.world_size})")
+    elif corpus and args.max_steps <= 0:
+        args.max_steps = prepared.steps_for_epochs(corpus, block_size, args.num_train_epochs, global_batch)
+        logger.info(f"--num_train_epochs {args.num_train_epochs} = {args.max_steps:,} steps of {global_batch} blocks")
 
-    # 4. Train, save, evaluate, record.
+    # 4. Blocks: from the prepared folder in the run's own order, else tokenized and packed here.
+    with args.main_process_first(desc="tokenizing and packing"):
+        if corpus:
+            lm_data = prepared.load_prepared(corpus, block_size, args.seed, global_batch, args.max_steps, data_args.max_eval_samples)
+            training.read_in_order(lm_data.train, global_batch)
+        else:
+            lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, global_batch)
+    for split in ("train", "validation"):
+        counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
+        logger.info(f"{split}: {', '.join(counts) or 'streamed, counted as it is read'}")
+
+    # 5. Train, save, evaluate, record.
     trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
                       processing_class=tokenizer, data_collator=default_data_collator)
     add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())

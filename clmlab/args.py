@@ -182,6 +182,11 @@ class RunTrainingArguments(TrainingArguments):
         metadata={"help": "Count tokens seen; logged as num_input_tokens_seen.", "choices": ["all", "non_padding", "no"]},
     )
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before the first step, so every curve shows where it began."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per optimizer step, whatever the number of processes: gradient accumulation is derived "
+                  "from it, the world size and --per_device_train_batch_size, so 1 GPU and 8 GPUs train on the same batches."},
+    )
 
     def __post_init__(self):
         self.check_ranges()
@@ -218,6 +223,9 @@ class RunTrainingArguments(TrainingArguments):
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be 1 or more")
         require(self.seed >= 0, "seed", self.seed, "must be 0 or more")
         require(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers, "must be 0 or more")
+        require(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "must be 1 or more")
+        if self.global_batch_size and self.gradient_accumulation_steps != 1:
+            raise UsageError("give --global_batch_size or --gradient_accumulation_steps, not both: accumulation is derived from the global batch")
 
 
 @dataclass

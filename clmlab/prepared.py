@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from clmlab.cli import UsageError
+from clmlab.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 FORMAT = "clmlab-prepared"
 FORMAT_VERSION = 1
@@ -68,3 +68,174 @@ def read_manifest(path: str | Path) -> dict:
         raise UsageError(f"{folder}: prepared with format {manifest.get('format')} version {manifest.get('format_version')}; "
                          f"this clmlab reads {FORMAT} version {FORMAT_VERSION}: prepare it again")
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+class PartedTokens:
+    """One split's tokens across its parts, as one sequence, read by slices.
+
+    The parts are memory-mapped on first read in each process, never before: a dataset holding an open
+    memory map copies its whole contents when it is pickled into a dataloader worker. The ranks of a node
+    then share the files through the page cache.
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict, split: str):
+        parts = manifest["splits"][split]["parts"]
+        self.files = [str(Path(folder) / PARTS_DIR / f"{part['name']}.bin") for part in parts]
+        self.starts = np.cumsum([0] + [part["tokens"] for part in parts], dtype=np.int64)
+        self.dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[manifest["dtype"]])
+        self._maps: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def _open(self) -> list[np.ndarray]:
+        self._maps = [np.memmap(path, dtype=self.dtype, mode="r") if self.starts[i + 1] > self.starts[i]
+                      else np.zeros(0, dtype=self.dtype) for i, path in enumerate(self.files)]
+        return self._maps
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        maps = self._maps or self._open()
+        part = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < end:  # a block may run over a part's end into the next part
+            stop = min(end, int(self.starts[part + 1]))
+            pieces.append(maps[part][start - self.starts[part] : stop - self.starts[part]])
+            start, part = stop, part + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def shuffled_index(index: int, n: int, key: bytes) -> int:
+    """`index` under a keyed pseudo-random permutation of range(n), in constant time and memory.
+
+    A four-round Feistel network on the smallest even number of bits that holds n is a bijection of that
+    power-of-two range whatever its round function; stepping again from values at or above n (cycle walking)
+    keeps it a bijection of range(n). Fewer than four steps are expected, since the range is below 4n. No
+    permutation array is built, so start-up time and memory do not grow with the corpus, and the order
+    does not hang on a library's random-number stream.
+    """
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half, mask = bits // 2, (1 << (bits // 2)) - 1
+    value = index
+    while True:
+        left, right = value >> half, value & mask
+        for round_ in range(4):
+            digest = hashlib.blake2b(right.to_bytes(8, "little"), digest_size=8, key=key, person=bytes([round_]) * 8).digest()
+            left, right = right, left ^ (int.from_bytes(digest, "little") & mask)
+        value = (left << half) | right
+        if value < n:
+            return value
+
+
+class PreparedBlocks(torch.utils.data.Dataset):
+    """Blocks of `block_size` tokens cut from a prepared split, in a global order that is a pure function of
+    (seed, global sample index): sample g is block perm_e[j], (e, j) = divmod(g, n_blocks), with perm_e a
+    permutation keyed by (seed, e), so every pass over the data reshuffles and no epoch state exists.
+
+    Item i is global sample `start + i`, up to `total` (the run's max_steps x global batch). Read in order
+    (a sequential sampler), every optimizer step takes the next global-batch-size samples, which accelerate
+    deals to the ranks whole batch by whole batch: the samples of a step do not depend on the number of
+    processes. A resumed run starts at `start = step x global batch`: no block is read, nor anything done,
+    for the steps it skips. `shuffle=False` gives the blocks in corpus order (validation).
+    """
+
+    def __init__(self, tokens: PartedTokens, block_size: int, seed: int = 0, total: int | None = None,
+                 start: int = 0, shuffle: bool = True):
+        self.tokens, self.block_size, self.seed, self.shuffle = tokens, block_size, seed, shuffle
+        self.n_blocks = len(tokens) // block_size
+        self.total = self.n_blocks if total is None else total
+        if not shuffle and self.total > self.n_blocks:
+            raise ValueError(f"{self.total} samples asked of {self.n_blocks} blocks in corpus order")
+        self.start = start
+        self.content_id: str | None = None  # the prepared folder's, checked on resume
+        self.reads = 0  # blocks read by this process: resume reads none of those it skips
+
+    def block_of(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.n_blocks)
+        if not self.shuffle:
+            return position
+        return shuffled_index(position, self.n_blocks, key=f"{self.seed}:{epoch}".encode())
+
+    def passes(self) -> float:
+        """How many times the run goes over the data."""
+        return self.total / self.n_blocks
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __getitem__(self, index: int) -> dict:
+        block = self.block_of(self.start + index)
+        self.reads += 1
+        ids = torch.from_numpy(self.tokens.read(block * self.block_size, (block + 1) * self.block_size).astype(np.int64))
+        # Labels are the inputs (the model shifts them), as in clmlab.data.PackedBlocks.
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+@dataclass
+class PreparedData:
+    train: PreparedBlocks
+    validation: PreparedBlocks
+    stats: dict
+
+
+def load_prepared(folder: str | Path, block_size: int, seed: int, global_batch: int, max_steps: int,
+                  max_eval_samples: int | None) -> PreparedData:
+    """The training and validation blocks of a prepared folder for a run of `max_steps` steps of
+    `global_batch` blocks; the validation blocks are the first `max_eval_samples`, the same at every
+    evaluation and in every run."""
+    manifest = read_manifest(folder)
+    train = PreparedBlocks(PartedTokens(folder, manifest, "train"), block_size, seed, total=max_steps * global_batch)
+    train.content_id = manifest["content_id"]
+    if train.n_blocks == 0:
+        raise UsageError(f"the training split of {folder} holds {len(train.tokens):,} tokens, fewer than block_size={block_size}; "
+                         "give more data or lower --block_size")
+    validation_tokens = PartedTokens(folder, manifest, "validation")
+    n_validation = len(validation_tokens) // block_size
+    if n_validation == 0:
+        raise UsageError(f"the validation split of {folder} holds fewer than block_size={block_size} tokens; prepare it with more "
+                         "held out (--validation_split_percentage, --validation_files) or lower --block_size")
+    validation = PreparedBlocks(validation_tokens, block_size, shuffle=False, total=min(n_validation, max_eval_samples or n_validation))
+    stats = {"prepared": {"folder": str(Path(folder).resolve()), "content_id": manifest["content_id"],
+                          "passes": round(train.passes(), 4), "source": manifest.get("source")}}
+    for split, blocks in (("train", train), ("validation", validation)):
+        stats[split] = {"documents": manifest["splits"][split]["documents"], "tokens": len(blocks.tokens), "blocks": blocks.n_blocks}
+    stats["validation"]["blocks"] = len(validation)
+    return PreparedData(train, validation, stats)
+
+
+def resume_step(checkpoint: str | Path | None) -> int:
+    """The optimizer step a checkpoint was saved at (0 without one)."""
+    if not checkpoint:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state["global_step"])
+
+
+def tokenizer_for_prepared(folder: str | Path, model_args):
+    """The prepared folder's own tokenizer; a tokenizer the run names (--tokenizer_name, or the checkpoint's
+    when continuing) must be that one, or the token ids would mean other words."""
+    import os
+
+    given, what = model_args.tokenizer_name, "--tokenizer_name"
+    checkpoint = model_args.model_name_or_path
+    if not given and checkpoint and (not os.path.isdir(checkpoint) or any(os.path.exists(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES)):
+        given, what = checkpoint, "the checkpoint's (--model_name_or_path)"
+    own = load_tokenizer(str(Path(folder) / TOKENIZER_DIR))
+    if given:
+        tokenizer = load_tokenizer(given)
+        if tokenizer_sha256(tokenizer) != read_manifest(folder)["tokenizer_sha256"]:
+            raise UsageError(f"--dataset_name {folder} was prepared with another tokenizer than {what} {given}; train with "
+                             f"the folder's own ({Path(folder) / TOKENIZER_DIR}), or prepare the corpus again with this one")
+    return own
+
+
+def steps_for_epochs(folder: str | Path, block_size: int, epochs: float, global_batch: int) -> int:
+    """--num_train_epochs in whole optimizer steps, for a run that reads a prepared folder."""
+    n_blocks = read_manifest(folder)["splits"]["train"]["tokens"] // block_size
+    return max(1, int(epochs * n_blocks) // global_batch)

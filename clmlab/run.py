@@ -33,6 +33,7 @@ NOT_RUN_DEFINING = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "run_name", "report_to",
     "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "local_rank", "logging_first_step",
     "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
+    "use_cpu",  # set for DDP over gloo on a machine with no GPU: the same computation on one process or several
 }
 # Every package whose version can change what a run computes or how its files are read back.
 PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft", "safetensors",
@@ -233,6 +234,7 @@ class TrainingRun:
         self._existed = self.out.is_dir()
         self._entries_before = set(os.listdir(self.out)) if self._existed else set()
         previous = read_json(self.out / INFO_FILE) if self._existed and not self.plan.clear_first else None
+        self._previous = previous or {}
         # Each earlier attempt of this run (stopped or failed, then resumed), for requeue limits and forensics.
         self._attempts = [*previous.get("attempts", []), {k: previous.get(k) for k in ("status", "step", "wall_seconds", "stopped", "error")}] \
             if previous and not self.finished else []
@@ -242,12 +244,39 @@ class TrainingRun:
             print(f"{args.output_dir} holds this run, finished: {shown}. "
                   "Nothing to do; pass --overwrite_output_dir true to train it again.")
             return
+        if args.global_batch_size:
+            per_step = args.per_device_train_batch_size * args.world_size
+            if args.global_batch_size % per_step:
+                raise UsageError(f"--global_batch_size {args.global_batch_size} is not a multiple of --per_device_train_batch_size "
+                                 f"{args.per_device_train_batch_size} x {args.world_size} processes; choose a per-device batch that divides it")
+            args.gradient_accumulation_steps = args.global_batch_size // per_step
+            logger.info(f"--global_batch_size {args.global_batch_size} = {args.per_device_train_batch_size} per device x "
+                        f"{args.world_size} processes x {args.gradient_accumulation_steps} accumulation steps")
         if self.resume_from:
             logger.info(f"resuming from {self.resume_from}")
             if args.eval_on_start:
                 logger.info("no evaluation before the first step: the checkpoint's log history holds the run's first one")
                 args.eval_on_start = False
         on_failure(self._failed)
+
+    def read_in_order(self, train_dataset, global_batch: int) -> None:
+        """For a dataset that is itself the run's sequence of samples (clmlab.prepared.PreparedBlocks): the
+        Trainer reads it in order, and a resumed run starts at its checkpoint's sample, in constant time,
+        instead of having the Trainer walk past every sample it skips."""
+        from clmlab.prepared import resume_step
+
+        self.args.train_sampling_strategy = "sequential"
+        if not self.resume_from:
+            return
+        earlier = (self._previous.get("data") or {}).get("prepared", {}).get("content_id")
+        now = getattr(train_dataset, "content_id", None)
+        if earlier and now and earlier != now:
+            raise UsageError(f"the prepared folder's content changed since {self.resume_from} was saved (content id {earlier[:12]} -> "
+                             f"{now[:12]}); resume only on the data the run started with, or start a new --output_dir")
+        step = resume_step(self.resume_from)
+        train_dataset.start = step * global_batch
+        self.args.ignore_data_skip = True
+        logger.info(f"resuming at sample {train_dataset.start:,} (step {step:,} x global batch {global_batch}): nothing is read for the skipped steps")
 
     @property
     def is_main(self) -> bool:
