@@ -23,6 +23,7 @@ from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_loggi
 from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "experiments" / "quickstart.yaml"
+DATA_OR_MODEL = ("dataset_name", "train_files", "model_name_or_path", "config_name")  # without any: the quickstart is the base
 logger = logging.getLogger("run_clm")
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(
         [ModelArguments, DataArguments, ClmTrainingArguments], sys.argv[1:] if argv is None else argv, prog="run_clm.py",
         alternatives=[("max_steps", "max_train_tokens")],
-        base_config=(QUICKSTART, ("dataset_name", "train_files", "model_name_or_path")))
+        base_config=(QUICKSTART, DATA_OR_MODEL))
     if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
         raise UsageError("--streaming has no length to count epochs by; give --max_steps or --max_train_tokens")
     config = modeling.build_config(model_args)
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     with args.main_process_first(desc="reading documents"):
         documents = None if corpus else data.load_documents(data_args, streaming=data_args.streaming)
     tokenizer = prepared.tokenizer_for_prepared(corpus, model_args) if corpus else tokenizer_for_run(model_args, data_args, documents)
-    vocab_override = parse_overrides(model_args.config_overrides).get("vocab_size")
+    # A vocabulary wider than the tokenizer, from --config_overrides or a named config, is padding kept on purpose.
+    vocab_override = parse_overrides(model_args.config_overrides).get("vocab_size") or (config.vocab_size if model_args.config_name else None)
     modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path,
                                      min_vocab_size=model_args.tokenizer_vocab_size if trains_tokenizer(model_args) and not corpus else 0,
                                      vocab_override=int(vocab_override) if vocab_override else None)

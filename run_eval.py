@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from clmlab import evaluation
 from clmlab.checkpoints import LoadArguments, load_for_inference
+from clmlab.data import invalid_utf8_bytes
 from clmlab.cli import UsageError, exits_on_usage_error, first_line, parse_args, require, setup_logging
 from clmlab.generation import DecodingSettings, generate
 
@@ -53,6 +54,7 @@ def load_records(args: EvalArguments) -> list[dict]:
         path = Path(args.data_file)
         if not path.is_file():
             raise UsageError(f"--data_file {path}: no such file")
+        invalid_utf8_bytes(str(path), flag="--data_file")  # the text scored must be the text in the file
         if args.task == "perplexity" and path.suffix not in (".jsonl", ".json"):
             return [{args.text_column: path.read_text(encoding="utf-8")}]
         try:

@@ -7,6 +7,7 @@ anything is read or written. Checks that need the data (a column, a file's bytes
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -59,8 +60,13 @@ class ModelArguments:
         overrides = parse_overrides(self.config_overrides)
         if self.model_name_or_path and overrides:
             raise UsageError("--config_overrides shapes a model built from scratch; drop it or drop --model_name_or_path")
+        if "vocab_size" in overrides:
+            try:
+                vocab = int(overrides["vocab_size"])
+            except ValueError:
+                raise UsageError(f"--config_overrides vocab_size={overrides['vocab_size']}: give a whole number of embedding rows") from None
+            require(vocab >= 1, "config_overrides", f"vocab_size={vocab}", "must be a positive number of embedding rows")
         if "vocab_size" in overrides and not self.tokenizer_name:
-            vocab = int(overrides["vocab_size"]) if overrides["vocab_size"].isdigit() else -1
             require(vocab >= self.tokenizer_vocab_size, "config_overrides", f"vocab_size={overrides['vocab_size']}",
                     f"smaller than the {self.tokenizer_vocab_size:,}-token BPE this run trains (--tokenizer_vocab_size); "
                     "give at least that many rows, or a smaller --tokenizer_vocab_size")
@@ -205,6 +211,10 @@ class RunTrainingArguments(TrainingArguments):
 
     def check_ranges(self) -> None:
         """Every training flag that has a range, checked before TrainingArguments acts on any of them."""
+        for flag in ("learning_rate", "num_train_epochs", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "max_grad_norm", "label_smoothing_factor"):
+            require(math.isfinite(getattr(self, flag)), flag, getattr(self, flag), "must be a finite number")
+        require(0 <= self.label_smoothing_factor < 1, "label_smoothing_factor", self.label_smoothing_factor, "must be at least 0 and below 1")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive (e.g. 6e-4)")
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, flag) >= 1, flag, getattr(self, flag), "must be 1 or more")

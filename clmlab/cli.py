@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -34,12 +35,15 @@ def first_line(error: BaseException) -> str:
 
 
 _failure_handlers: list[Callable[[BaseException], None]] = []
+_running_scripts = 0  # scripts inside exits_on_usage_error now: only they collect failure handlers
 
 
 def on_failure(handler: Callable[[BaseException], None]) -> None:
     """Have `handler(error)` called if the running script fails (any exception, Ctrl-C included), before the
-    error is reported: how a training run undoes what it wrote, or records that it failed."""
-    _failure_handlers.append(handler)
+    error is reported: how a training run undoes what it wrote, or records that it failed. Outside a script
+    (a notebook, a library caller) nothing is registered, so no handler outlives its call."""
+    if _running_scripts:
+        _failure_handlers.append(handler)
 
 
 def exits_on_usage_error(main: Callable) -> Callable:
@@ -48,6 +52,8 @@ def exits_on_usage_error(main: Callable) -> Callable:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        global _running_scripts
+        _running_scripts += 1
         try:
             return main(*args, **kwargs)
         except BaseException as error:
@@ -62,7 +68,9 @@ def exits_on_usage_error(main: Callable) -> Callable:
                 raise SystemExit(2) from None
             raise
         finally:
-            _failure_handlers.clear()
+            _running_scripts -= 1
+            if not _running_scripts:
+                _failure_handlers.clear()
 
     return wrapper
 
@@ -71,8 +79,12 @@ def setup_logging() -> None:
     """The one logging setup of every script: INFO from the main process, warnings only from the others
     (launchers set RANK), so a multi-GPU log is not printed once per GPU."""
     main_process = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if main_process else logging.WARNING)
+    level = logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    # Where the host already set logging up (a notebook, pytest), basicConfig does nothing: the project's own
+    # loggers still say what they decide.
+    for name in ("clmlab", "callbacks", "run_clm", "run_sft", "run_prepare", "run_eval", "run_infer"):
+        logging.getLogger(name).setLevel(level)
 
 
 class ArgumentParser(HfArgumentParser):
@@ -81,10 +93,22 @@ class ArgumentParser(HfArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as version 1.2 reads booleans: only true/false. YAML 1.1 (PyYAML's default) also reads no, yes, on
+    and off as booleans, which turns `eval_strategy: no` into False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset()) -> list[str]:
     """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        config = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
@@ -128,7 +152,7 @@ def parse_args(
     if base_config and not (argv and argv[0].endswith((".yaml", ".yml"))) and "-h" not in argv and "--help" not in argv:
         path, flags = base_config
         given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-        if not given & set(flags):
+        if not given & set(flags):  # no data and no model: the quickstart's
             shown = Path(path).relative_to(Path(path).parents[2]) if len(Path(path).parents) > 2 else path
             logger.info(f"no data and no model given: the built-in quickstart ({shown}) is the base"
                         f"{', with your flags on top' if argv else ''}")

@@ -76,8 +76,8 @@ def invalid_utf8_bytes(path: str, errors: str = "strict", flag: str = "--train_f
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:
                 position = offset + error.start
-                raise UsageError(f"{flag} {path}: not UTF-8 (byte 0x{(held + chunk)[error.start]:02x} at offset {position:,}); "
-                                 "convert the file to UTF-8, or pass --decode_errors replace to read such bytes as U+FFFD") from None
+                hint = "convert the file to UTF-8" + (", or pass --decode_errors replace to read such bytes as U+FFFD" if flag.endswith("_files") else "")
+                raise UsageError(f"{flag} {path}: not UTF-8 (byte 0x{(held + chunk)[error.start]:02x} at offset {position:,}); {hint}") from None
             if not chunk:
                 return count
             offset += len(held) + len(chunk) - len(decoder.getstate()[0])
@@ -162,6 +162,8 @@ def read_record_files(kind: str, files: list[str], flag: str, streaming: bool = 
     try:
         return datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
     except Exception as error:  # malformed JSON or parquet surfaces as several exception types
+        if "corresponds to no data" in str(error):  # datasets' words for files that parse to no record
+            raise UsageError(f"{flag} {files[0]}{' ...' if len(files) > 1 else ''} holds no records; give files with data") from None
         raise UsageError(f"could not read {flag} {files[0]}: {first_line(error)}") from None
 
 
@@ -227,11 +229,14 @@ def builtin_documents() -> list[str]:
     return [topics[name].strip() for name in sorted(topics)]
 
 
-def load_documents(data_args, streaming: bool = False) -> dict:
-    """Return {"train": ..., "validation": ...} datasets with a single "text" column, one document per row,
-    and "invalid_utf8_bytes": the bytes of text files read as U+FFFD (--decode_errors replace).
+def load_source_documents(data_args, streaming: bool = False) -> dict:
+    """The documents of each source, before any train/validation split: {"train": the training source,
+    "validation": the validation source (--validation_files, or the dataset's own validation split) or None,
+    "invalid_utf8_bytes": the bytes of text files read as U+FFFD (--decode_errors replace)}. Each source is a
+    dataset with a single "text" column, one document per row, in source order.
 
-    The flags were checked when they were parsed (clmlab.args.DataSourceArguments)."""
+    The flags were checked when they were parsed (clmlab.args.DataSourceArguments); what needs the data
+    (files' bytes, columns, no documents at all) is checked here."""
     validation, replaced = None, 0
     if data_args.train_files:
         loaded = {}
@@ -264,14 +269,24 @@ def load_documents(data_args, streaming: bool = False) -> dict:
     if isinstance(train, datasets.Dataset) and len(train) == 0:
         raise UsageError("the training data holds no documents with text; "
                          f"check --text_column {data_args.text_column!r} and the files or dataset given")
+    return {"train": train, "validation": validation, "invalid_utf8_bytes": replaced}
 
+
+def load_documents(data_args, streaming: bool = False) -> dict:
+    """Return {"train": ..., "validation": ...} datasets with a single "text" column, one document per row,
+    and "invalid_utf8_bytes": the bytes of text files read as U+FFFD (--decode_errors replace).
+
+    Without a validation source, the validation documents are split off the training source by a hash of
+    their text (DocumentSplit)."""
+    sources = load_source_documents(data_args, streaming)
+    train, validation = sources["train"], sources["validation"]
     if validation is None:
         split = DocumentSplit(data_args.validation_split_percentage)
         train, validation = (
             train.filter(split.train_mask, batched=True),
             train.filter(split.validation_mask, batched=True),
         )
-    return {"train": train, "validation": validation, "invalid_utf8_bytes": replaced}
+    return {"train": train, "validation": validation, "invalid_utf8_bytes": sources["invalid_utf8_bytes"]}
 
 
 def describe_sources(data_args) -> list[dict]:

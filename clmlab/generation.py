@@ -31,10 +31,10 @@ class DecodingSettings:
         require(self.num_return_sequences >= 1, "num_return_sequences", self.num_return_sequences, "must be 1 or more")
         require(self.do_sample or self.num_return_sequences == 1, "num_return_sequences", self.num_return_sequences,
                 "greedy decoding gives one answer per prompt; pass --do_sample true for several")
-        require(self.temperature > 0, "temperature", self.temperature, "must be positive (lower is closer to greedy)")
+        require(0 < self.temperature < float("inf"), "temperature", self.temperature, "must be positive and finite (lower is closer to greedy)")
         require(self.top_k >= 0, "top_k", self.top_k, "must be 0 (off) or more")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be above 0 and at most 1")
-        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be positive (1.0: none)")
+        require(0 < self.repetition_penalty < float("inf"), "repetition_penalty", self.repetition_penalty, "must be positive and finite (1.0: none)")
         require(self.seed >= 0, "seed", self.seed, "must be 0 or more")
 
     def generate_kwargs(self) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-from clmlab.cli import UsageError, first_line
+from clmlab.cli import UsageError, first_line, require
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ def apply_config_overrides(config, overrides: str) -> None:
         config.update_from_string(",".join(f"{k}={v}" for k, v in parsed.items()))
     except ValueError as error:
         raise UsageError(f"--config_overrides {overrides!r}: {error}") from None
+    for key in parsed:  # ranges the model would otherwise only refuse at its first forward pass, or never
+        value = getattr(config, key)
+        if key.endswith(("pdrop", "dropout")) and isinstance(value, (int, float)):
+            require(0 <= value < 1, "config_overrides", f"{key}={value}", "a dropout probability must be at least 0 and below 1")
+        if key.endswith("epsilon") and isinstance(value, (int, float)):
+            require(0 < value < 1, "config_overrides", f"{key}={value}", "must be a small positive number")
 
 
 def build_config(model_args):

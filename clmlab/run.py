@@ -4,6 +4,7 @@ failed). Also the token budget and the run records."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import TrainerState
 
 from clmlab.checkpoints import is_complete_checkpoint, last_complete_checkpoint, read_json
 from clmlab import modeling
@@ -88,17 +91,25 @@ def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str
     """
     policy = (resume_from_checkpoint or "no").strip()
     explicit = policy if policy.lower() not in ("auto", "no", "none", "false") else None
-    if explicit and not is_complete_checkpoint(Path(explicit)):
-        raise UsageError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint (no readable trainer_state.json)")
+    if explicit:
+        if (Path(explicit) / ARGS_FILE).is_file():
+            raise UsageError(f"--resume_from_checkpoint {explicit} is a run's folder, not a checkpoint; give one of its checkpoint-N folders")
+        if not is_complete_checkpoint(Path(explicit)):
+            raise UsageError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint (no readable trainer_state.json)")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; give a folder")
     if not out.exists() or not any(out.iterdir()):
+        _check_writable(out)
         return OutputPlan(resume_from=explicit)
     saved = out / ARGS_FILE
     if not saved.is_file():
         raise UsageError(f"--output_dir {output_dir} is not empty and holds no clmlab run; choose another --output_dir")
-    before, now = _run_defining(json.loads(saved.read_text())), _run_defining(resolved)
+    saved_args = read_json(saved)
+    if saved_args is None:
+        raise UsageError(f"--output_dir {output_dir}: its {ARGS_FILE} cannot be read; pass --overwrite_output_dir true to replace "
+                         "the run, or choose another --output_dir")
+    before, now = _run_defining(saved_args), _run_defining(resolved)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         if overwrite:
@@ -113,12 +124,26 @@ def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str
         )
     if overwrite:
         return OutputPlan(resume_from=explicit, clear_first=explicit is None)
-    if explicit:
-        return OutputPlan(resume_from=explicit)
     info = read_json(out / INFO_FILE)
     if info and info.get("status") == "finished":
         return OutputPlan(finished=info)
-    return OutputPlan(resume_from=last_complete_checkpoint(output_dir) if policy.lower() == "auto" else None)
+    if policy.lower() == "no":
+        return OutputPlan()
+    # The same run, unfinished: its own newest checkpoint is where it stopped, even when it first started
+    # from an explicit --resume_from_checkpoint elsewhere (re-running the same command must not go back).
+    own = last_complete_checkpoint(output_dir)
+    if own:
+        return OutputPlan(resume_from=own)
+    return OutputPlan(resume_from=explicit)
+
+
+def _check_writable(out: Path) -> None:
+    """A folder that could not be made or written would fail only after all the tokenizing."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {out}: {parent} is not a folder this user can write to; choose another --output_dir")
 
 
 
@@ -184,18 +209,33 @@ def command_line() -> str:
 
 class StopRequest(TrainerCallback):
     """Ends training after the current optimizer step, with a checkpoint, once `request` is called (a
-    preemption warning, a time limit): the run is then `stopped`, and the same command resumes it."""
+    signal, a preemption warning, a time limit): the run is then `stopped`, and the same command resumes it.
+
+    With several processes, a request made in any one of them stops all of them after the same step: the
+    flag is reduced across processes at every step end (one scalar), since signals reach the processes at
+    different moments, or only one of them.
+    """
 
     def __init__(self):
         self.reason: str | None = None
+        self.saved_step: int | None = None  # the step the Trainer last saved a checkpoint at, the same on every rank
 
     def request(self, reason: str) -> None:
         self.reason = reason
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.reason is not None:
+        asked = self.reason is not None
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(asked)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not asked:
+                self.reason, asked = "another process was asked to stop", True
+        if asked:
             control.should_training_stop = True
             control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
 
 
 class _AtFirstStep(TrainerCallback):
@@ -209,6 +249,8 @@ class _AtFirstStep(TrainerCallback):
         if self.action is not None:
             action, self.action = self.action, None
             action()
+            if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # no rank saves into a folder the main process is still clearing
 
 
 class TrainingRun:
@@ -282,6 +324,10 @@ class TrainingRun:
     def is_main(self) -> bool:
         return self.args.process_index == 0
 
+    @property
+    def is_local_main(self) -> bool:
+        return self.args.local_process_index == 0
+
     def train(self, trainer, record: dict, sequence_length: int, report: Sequence[str] = (),
               save_model: Callable[[], None] | None = None) -> dict:
         """Train, then save the model (`save_model`, default `trainer.save_model`), evaluate once more and
@@ -294,14 +340,27 @@ class TrainingRun:
             self._info["attempts"] = self._attempts
         trainer.callback_handler.callbacks.insert(0, _AtFirstStep(self._begin_records))
         trainer.add_callback(self.stop)
-        warn_if_short_of_memory(trainer, sequence_length)
+        if self.is_local_main:
+            warn_if_short_of_memory(trainer, sequence_length)
 
-        result = trainer.train(resume_from_checkpoint=self.resume_from)
+        saved = read_json(Path(self.resume_from) / "trainer_state.json") if self.resume_from else None
+        own = saved and Path(self.resume_from).resolve().parent == self.out.resolve()
+        last = trainer.args.max_steps if trainer.args.max_steps > 0 else (saved or {}).get("max_steps", 0) if own else 0
+        if saved and 0 < last <= saved.get("global_step", 0):
+            # Saved at its last step, then stopped before the end (in the final save or evaluation): the
+            # Trainer would train one step more, so only the end is done again.
+            logger.info(f"{self.resume_from} is the run's last step: saving and evaluating it")
+            trainer._load_from_checkpoint(self.resume_from)  # the Trainer's own loading of a checkpoint's weights
+            trainer.state = TrainerState.load_from_json(str(Path(self.resume_from) / "trainer_state.json"))
+            metrics = {}
+        else:
+            with self._signals_stop_training():
+                metrics = trainer.train(resume_from_checkpoint=self.resume_from).metrics
         state = trainer.state
         if state.global_step < state.max_steps:
             return self._stopped(trainer)
         (save_model or trainer.save_model)()
-        metrics = {**result.metrics, **(final_evaluation(trainer) if trainer.eval_dataset is not None else {})}
+        metrics = {**metrics, **(final_evaluation(trainer) if trainer.eval_dataset is not None else {})}
         trainer.save_state()
         evals = {e["step"]: e["eval_loss"] for e in state.log_history if "eval_loss" in e}
         self._record(status="finished", final_metrics=metrics, eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"))
@@ -315,10 +374,36 @@ class TrainingRun:
                 print(line)
         return metrics
 
+    @contextlib.contextmanager
+    def _signals_stop_training(self):
+        """SIGTERM and SIGUSR1 (what schedulers send before a time limit or preemption) and a first Ctrl-C
+        stop the run after the current step, with a checkpoint; a second Ctrl-C aborts at once."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+            yield
+            return
+
+        def stop(signum, frame):
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                if self.stop.reason is not None:
+                    raise KeyboardInterrupt
+                print(f"\n{name}: stopping after this step with a checkpoint; press Ctrl-C again to abort", file=sys.stderr, flush=True)
+            self.stop.request(f"{name} received")
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def _stopped(self, trainer) -> dict:
         step = trainer.state.global_step
         checkpoint = self.out / f"checkpoint-{step}"
-        if not is_complete_checkpoint(checkpoint):
+        if self.stop.saved_step != step:  # decided from state every rank shares, never from files one rank sees
             # The Trainer has no public call that writes a resumable checkpoint (optimizer, scheduler and RNG
             # states); a callback that ended training without asking for a save still gets one.
             trainer._save_checkpoint(trainer.model, trial=None)
@@ -391,7 +476,9 @@ def warn_if_short_of_memory(trainer, sequence_length: int) -> None:
     if free is None:
         return
     processes = args.world_size if args.device.type == "cpu" else 1  # CPU ranks share one machine's memory
-    if estimate.total * processes > free:
+    # The free memory is read with the weights already in place: only what training adds must fit.
+    placed = sum(p.numel() * p.element_size() for p in model.parameters())
+    if (estimate.total - placed) * processes > free:
         logger.warning(
             f"training may run out of memory: about {estimate.describe()} per process"
             f"{f' x {processes} processes' if processes > 1 else ''}, and {args.device.type} has {modeling.size(free)} free; "

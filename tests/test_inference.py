@@ -346,13 +346,14 @@ def test_eval_tables_several_checkpoints(tmp_path, trained_run, tiny_gpt2, capsy
     assert qa[str(trained_run)]["examples"] == 4
 
 
-@pytest.mark.parametrize("case", ["qa answer past the context", "json object", "empty text", "missing text field", "zero stride"])
+@pytest.mark.parametrize("case", ["qa answer past the context", "json object", "empty text", "missing text field", "zero stride",
+                                  "text that is not UTF-8"])
 def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, trained_run, capsys):
     files = {"json object": ("o.json", '{"text": "hello"}'), "empty text": ("e.txt", ""),
              "missing text field": ("m.jsonl", '{"text": "a"}\n{"body": "b"}\n'), "qa answer past the context": ("q.jsonl", ""),
-             "zero stride": ("z.txt", "hello")}
+             "zero stride": ("z.txt", "hello"), "text that is not UTF-8": ("l.txt", "caf\u00e9")}
     name, content = files[case]
-    (tmp_path / name).write_text(content)
+    (tmp_path / name).write_bytes(content.encode("latin-1" if case == "text that is not UTF-8" else "utf-8"))
     argv = ["--checkpoint", str(trained_run), "--task", "perplexity", "--data_file", str(tmp_path / name)]
     if case == "zero stride":
         argv += ["--stride", "0"]
@@ -369,6 +370,7 @@ def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, trained_run, caps
 @pytest.mark.parametrize("flags,message", [
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be 1 or more"),
     (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--temperature", "inf"], "--temperature inf: must be positive and finite"),
     (["--top_p", "0"], "--top_p 0.0: must be above 0 and at most 1"),
     (["--top_k", "-1"], "--top_k -1: must be 0 (off) or more"),
     (["--repetition_penalty", "0"], "--repetition_penalty 0.0: must be positive"),

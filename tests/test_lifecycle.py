@@ -180,3 +180,101 @@ def test_a_callback_that_ends_training_early_still_leaves_a_resumable_checkpoint
     monkeypatch.undo()
     main(clm_args(out, 5))
     assert info(out)["status"] == "finished" and sorted(logged(out, "loss")) == [1, 2, 3, 4, 5]
+
+
+def test_a_run_stopped_after_saving_its_last_step_only_finishes_on_resume(tmp_path, monkeypatch):
+    """Saved at its last step, then failed in the final evaluation: the same command saves and evaluates,
+    and trains no step more than --max_steps."""
+    from clmlab import run
+
+    out = tmp_path / "out"
+    main = load_script("run_clm.py").main
+
+    def broken(trainer):
+        raise SimulatedOutOfMemory("out of memory in the final evaluation (simulated)")
+
+    monkeypatch.setattr(run, "final_evaluation", broken)
+    with pytest.raises(SimulatedOutOfMemory):
+        main(clm_args(out, 4, "--save_steps", 2, "--eval_steps", 3))
+    assert info(out)["status"] == "failed" and (out / "checkpoint-4").is_dir()
+    monkeypatch.undo()
+    main(clm_args(out, 4, "--save_steps", 2, "--eval_steps", 3))
+    record = info(out)
+    assert record["status"] == "finished" and record["step"] == 4 and record["tokens_seen"] == 4 * 4 * 64
+    assert sorted(logged(out, "loss")) == [1, 2, 3, 4] and (out / "model.safetensors").is_file()
+
+
+def test_the_same_command_resumes_from_the_runs_own_newest_checkpoint(tmp_path, stop_at_step_3):
+    """A run started from another run's checkpoint, then stopped: re-running the command must not go back to
+    the checkpoint it started from."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    main = load_script("run_clm.py").main
+    stop_at_step_3.undo()
+    main(clm_args(first, 2, "--save_steps", 1))
+    from clmlab import run
+
+    original = run.StopRequest.on_step_end
+
+    def stop_at_4(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            self.request("test")
+        return original(self, args, state, control, **kwargs)
+
+    command = clm_args(second, 6, "--resume_from_checkpoint", str(first / "checkpoint-2"))
+    stop_at_step_3.setattr(run.StopRequest, "on_step_end", stop_at_4)
+    main(command)
+    assert info(second)["status"] == "stopped" and info(second)["resumed_from"] == str(first / "checkpoint-2")
+    stop_at_step_3.undo()
+    main(command)
+    assert info(second)["status"] == "finished" and info(second)["resumed_from"] == str(second / "checkpoint-4")
+
+
+def test_a_signal_stops_the_run_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+    """SIGUSR1, as a scheduler sends before a time limit, arriving during step 2."""
+    import os
+    import signal
+
+    from callbacks import ThroughputCallback
+
+    original = ThroughputCallback.on_step_begin
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(ThroughputCallback, "on_step_begin", on_step_begin)
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGUSR1)
+    load_script("run_clm.py").main(clm_args(out, 5))
+    record = info(out)
+    assert record["status"] == "stopped" and record["stopped"]["step"] == 2 and record["stopped"]["reason"] == "SIGUSR1 received"
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are the caller's again
+
+
+STOP_ON_ONE_RANK = """
+import runpy, sys
+from clmlab import run
+original = run.StopRequest.on_step_end
+def on_step_end(self, args, state, control, **kwargs):
+    if state.global_step == 2 and args.process_index == 1:
+        self.request("stop requested on rank 1 only")
+    return original(self, args, state, control, **kwargs)
+run.StopRequest.on_step_end = on_step_end
+sys.argv = ["run_clm.py", *sys.argv[1:]]
+runpy.run_path("{script}", run_name="__main__")
+"""
+
+
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    from conftest import run_script
+
+    wrapper = tmp_path / "stop_on_rank_1.py"
+    wrapper.write_text(STOP_ON_ONE_RANK.replace("{script}", str(REPO / "run_clm.py")))
+    out = tmp_path / "ddp"
+    run_script(str(wrapper), *clm_args(out, 5, "--eval_on_start", "false"), ranks=2)
+    record = info(out)
+    assert record["status"] == "stopped" and record["stopped"]["step"] == 2
+    assert record["stopped"]["reason"] == "another process was asked to stop"  # rank 0 writes the record
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}

@@ -197,6 +197,13 @@ def content_jsonl(tmp_path):
 
 
 @pytest.fixture
+def finished_run(tmp_path, shakespeare):
+    out = tmp_path / "finished"
+    run_clm("--train_files", shakespeare, "--output_dir", out, "--max_steps", 1, "--eval_on_start", "false", "--max_eval_samples", 2, *TINY)
+    return out
+
+
+@pytest.fixture
 def empty_txt(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_bytes(b"")
@@ -254,6 +261,13 @@ BAD_INPUTS = {
     "override not key=value": (["--config_overrides", "n_embd"], "is not key=value"),
     "negative seed": (["--seed", "-1"], "--seed -1: must be 0 or more"),
     "dataset and files": (["--dataset_name", "x", "--train_files", "{shakespeare}"], "not both"),
+    "infinite learning rate": (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
+    "infinite epochs": (["--num_train_epochs", "inf"], "--num_train_epochs inf: must be a finite number"),
+    "label smoothing of 3": (["--label_smoothing_factor", "3"], "--label_smoothing_factor 3.0: must be at least 0 and below 1"),
+    "dropout of 2": (["--config_overrides", "n_embd=32,n_layer=1,n_head=2,resid_pdrop=2"], "resid_pdrop=2.0: a dropout probability"),
+    "vocab_size not a number": (["--config_overrides", "vocab_size=lots"], "give a whole number of embedding rows"),
+    "resume from a run folder": (["--resume_from_checkpoint", "{finished_run}"], "is a run's folder, not a checkpoint"),
+    "output_dir under a file": (["--output_dir", "{shakespeare}/x"], "is not a folder this user can write to"),
 }
 
 
@@ -261,10 +275,10 @@ BAD_INPUTS = {
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(case, tmp_path, capsys, request):
     argv, expected = BAD_INPUTS[case]
     fixtures = {name: request.getfixturevalue(name) for name in ("tiny_gpt2", "wide_tokenizer", "content_jsonl", "shakespeare",
-                                                                 "empty_txt", "blank_txt", "random_bytes_txt")
+                                                                 "empty_txt", "blank_txt", "random_bytes_txt", "finished_run")
                 if any("{" + name + "}" in a for a in argv)}
     out = tmp_path / "never_made"
-    argv = [a.format(**fixtures) for a in argv] + ["--output_dir", str(out)]
+    argv = ["--output_dir", str(out)] + [a.format(**fixtures) for a in argv]
     with pytest.raises(SystemExit) as exited:
         load_run_clm().main(argv)
     assert exited.value.code == 2
@@ -310,7 +324,7 @@ def test_with_no_data_and_no_model_the_quickstart_is_the_base(tmp_path, shakespe
 
     script = load_run_clm()
     types = [ModelArguments, DataArguments, ClmTrainingArguments]
-    base = ("dataset_name", "train_files", "model_name_or_path")
+    base = script.DATA_OR_MODEL
     model, data, args = parse_args(types, ["--max_steps", "50", "--output_dir", str(tmp_path / "x")],
                                    base_config=(script.QUICKSTART, base))
     assert (model.config_overrides, model.tokenizer_vocab_size, data.block_size) == ("n_embd=128,n_layer=4,n_head=4,n_positions=128", 4096, 128)
@@ -318,6 +332,18 @@ def test_with_no_data_and_no_model_the_quickstart_is_the_base(tmp_path, shakespe
     model, data, args = parse_args(types, ["--train_files", str(shakespeare), "--output_dir", str(tmp_path / "y")],
                                    base_config=(script.QUICKSTART, base))
     assert model.config_overrides is None and args.max_steps == -1  # data given: the quickstart plays no part
+    model, data, args = parse_args(types, ["--config_name", "gpt2"], base_config=(script.QUICKSTART, base))
+    assert model.config_overrides is None  # a model named: its shape is not reshaped to the quickstart's
+
+
+def test_yaml_reads_no_and_yes_as_words(tmp_path):
+    from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
+    from clmlab.cli import parse_args
+
+    config = tmp_path / "x.yaml"
+    config.write_text("eval_strategy: no\nsave_strategy: no\nstreaming: true\nmax_steps: 5\n")
+    _, data, args = parse_args([ModelArguments, DataArguments, ClmTrainingArguments], [str(config)])
+    assert args.eval_strategy == "no" and args.save_strategy == "no" and data.streaming is True
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, shakespeare):
