@@ -17,7 +17,7 @@ from transformers import Trainer, default_data_collator
 
 from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
 from callbacks.loss_plot import PLOT_FILE
-from clmlab import data, modeling, prepared, run
+from clmlab import data, modeling, prepare, prepared, run
 from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments, parse_overrides
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
 from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
@@ -44,17 +44,22 @@ def main(argv: list[str] | None = None) -> dict:
     if training.finished:
         return training.finished["final_metrics"]
 
-    # 2. Documents (none to read from a prepared folder), tokenizer, model (seeded before any token is made).
+    # 2. A prepared folder to read (given, or made now: every corpus that is not streamed is tokenized once into
+    #    one), or documents to stream; the tokenizer; the model, seeded before any token is made.
     corpus = data_args.dataset_name if prepared.is_prepared(data_args.dataset_name) else None
     if corpus and data_args.streaming:
         raise UsageError(f"--dataset_name {corpus} is a prepared folder: it is read in place, never streamed; drop --streaming")
-    with args.main_process_first(desc="reading documents"):
-        documents = None if corpus else data.load_documents(data_args, streaming=data_args.streaming)
+    if not corpus and not data_args.streaming:
+        named = None if trains_tokenizer(model_args) else model_args.tokenizer_name or model_args.model_name_or_path
+        folder = data_args.prepare_to or prepare.cache_folder(data_args, named, model_args.tokenizer_vocab_size)
+        corpus = prepare.prepare_on_first_use(data_args, folder, named, model_args.tokenizer_vocab_size, args.process_index == 0)
+    documents = None if corpus else data.load_documents(data_args, streaming=True)
     tokenizer = prepared.tokenizer_for_prepared(corpus, model_args) if corpus else tokenizer_for_run(model_args, data_args, documents)
     # A vocabulary wider than the tokenizer, from --config_overrides or a named config, is padding kept on purpose.
     vocab_override = parse_overrides(model_args.config_overrides).get("vocab_size") or (config.vocab_size if model_args.config_name else None)
     modeling.fit_config_to_tokenizer(config, tokenizer, from_scratch=not model_args.model_name_or_path,
-                                     min_vocab_size=model_args.tokenizer_vocab_size if trains_tokenizer(model_args) and not corpus else 0,
+                                     min_vocab_size=prepared.trained_vocab_size(corpus) if corpus else
+                                     model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0,
                                      vocab_override=int(vocab_override) if vocab_override else None)
     model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
     initial_checksum = modeling.weights_checksum(model)
@@ -73,13 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_steps = prepared.steps_for_epochs(corpus, block_size, args.num_train_epochs, global_batch)
         logger.info(f"--num_train_epochs {args.num_train_epochs} = {args.max_steps:,} steps of {global_batch} blocks")
 
-    # 4. Blocks: from the prepared folder in the run's own order, else tokenized and packed here.
-    with args.main_process_first(desc="tokenizing and packing"):
-        if corpus:
-            lm_data = prepared.load_prepared(corpus, block_size, args.seed, global_batch, args.max_steps, data_args.max_eval_samples)
-            training.read_in_order(lm_data.train, global_batch)
-        else:
-            lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, global_batch)
+    # 4. Blocks: read from the prepared folder in the run's own order, or packed from the stream as it is read.
+    if corpus:
+        lm_data = prepared.load_prepared(corpus, block_size, args.seed, global_batch, args.max_steps, data_args.max_eval_samples)
+        training.read_in_order(lm_data.train, global_batch)
+    else:
+        lm_data = data.build_lm_datasets(documents, tokenizer, data_args, block_size, args.seed, global_batch)
     for split in ("train", "validation"):
         counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
         logger.info(f"{split}: {', '.join(counts) or 'streamed, counted as it is read'}")

@@ -151,6 +151,12 @@ class DataArguments(DataSourceArguments):
     streaming: bool = field(
         default=False, metadata={"help": "Read the training data as a stream (needs --max_steps or --max_train_tokens)."}
     )
+    prepare_to: str | None = field(
+        default=None,
+        metadata={"help": "Prepare the data into this folder on first use (run_prepare.py's format; one process prepares, the "
+                  "others wait) and train from it; later runs reuse it. Unset: a folder in the datasets cache, keyed by "
+                  "source and tokenizer."},
+    )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Documents in the streaming shuffle buffer."})
     tokenizer_train_documents: int = field(
         default=100_000, metadata={"help": "With --streaming, train the BPE tokenizer on this many leading training documents."}
@@ -163,6 +169,8 @@ class DataArguments(DataSourceArguments):
             require(value is None or value >= 1, flag, value, "must be 1 or more")
         for flag in ("shuffle_buffer_size", "tokenizer_train_documents"):
             require(getattr(self, flag) >= 1, flag, getattr(self, flag), "must be 1 or more")
+        if self.prepare_to and self.streaming:
+            raise UsageError("--prepare_to prepares the data once and reads it in place; drop --streaming, or drop --prepare_to to stream")
         if not self.document_separator.strip():
             raise UsageError("--document_separator is empty; give the text of the line that ends a document, e.g. '<|endoftext|>'")
 

@@ -789,3 +789,39 @@ def summary(manifest: dict, output_dir: str | os.PathLike, seconds: float) -> li
     lines.append(f"  content id {manifest['content_id']}")
     lines.append(f"Train from it: python run_clm.py --dataset_name {output_dir} --max_train_tokens N ...")
     return lines
+
+
+# --------------------------------------------------------------------------------------------------- on first use
+
+
+def cache_folder(data_args, tokenizer_name: str | None, tokenizer_vocab_size: int) -> Path:
+    """Where a run prepares a corpus it was not given prepared: in the datasets cache, keyed by what the tokens
+    depend on (the sources with their sizes and times, the split settings, the tokenizer), so another run on
+    the same data and tokenizer finds it prepared."""
+    import datasets
+
+    recipe = _recipe(data_args, tokenizer_name, tokenizer_vocab_size, documents_per_part=50_000)
+    if tokenizer_name:
+        recipe["tokenizer"] = tokenizer_sha256(load_tokenizer(tokenizer_name))
+    return Path(datasets.config.HF_DATASETS_CACHE) / "clmlab-prepared" / _canonical_sha256(recipe)[:20]
+
+
+def prepare_on_first_use(data_args, folder: str | os.PathLike, tokenizer_name: str | None, tokenizer_vocab_size: int,
+                         main_process: bool, poll_seconds: float = 2.0) -> str:
+    """The prepared folder for a run: made by the main process if it is not there yet (reused if it is), while
+    every other process, on every node, waits for its manifest by polling the shared file system, not inside
+    a collective that a distributed timeout would end."""
+    folder = Path(folder)
+    if main_process:
+        prepare_corpus(data_args, folder, tokenizer_name=tokenizer_name, tokenizer_vocab_size=tokenizer_vocab_size,
+                       progress=True)
+        return str(folder)
+    recipe = _recipe(data_args, tokenizer_name, tokenizer_vocab_size, documents_per_part=50_000)
+    named_sha = tokenizer_sha256(load_tokenizer(tokenizer_name)) if tokenizer_name else None
+    started = last_said = time.monotonic()
+    while not _matches(_read_json(folder / MANIFEST), recipe, named_sha):
+        if time.monotonic() - last_said >= 60:
+            logger.warning(f"waiting for the main process to prepare {folder} ({time.monotonic() - started:.0f} s)")
+            last_said = time.monotonic()
+        time.sleep(poll_seconds)
+    return str(folder)

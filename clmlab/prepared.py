@@ -201,7 +201,8 @@ def load_prepared(folder: str | Path, block_size: int, seed: int, global_batch: 
         raise UsageError(f"the validation split of {folder} holds fewer than block_size={block_size} tokens; prepare it with more "
                          "held out (--validation_split_percentage, --validation_files) or lower --block_size")
     validation = PreparedBlocks(validation_tokens, block_size, shuffle=False, total=min(n_validation, max_eval_samples or n_validation))
-    stats = {"prepared": {"folder": str(Path(folder).resolve()), "content_id": manifest["content_id"],
+    stats = {"invalid_utf8_bytes": manifest.get("invalid_utf8_bytes", 0),
+             "prepared": {"folder": str(Path(folder).resolve()), "content_id": manifest["content_id"],
                           "passes": round(train.passes(), 4), "source": manifest.get("source")}}
     for split, blocks in (("train", train), ("validation", validation)):
         stats[split] = {"documents": manifest["splits"][split]["documents"], "tokens": len(blocks.tokens), "blocks": blocks.n_blocks}
@@ -233,6 +234,12 @@ def tokenizer_for_prepared(folder: str | Path, model_args):
             raise UsageError(f"--dataset_name {folder} was prepared with another tokenizer than {what} {given}; train with "
                              f"the folder's own ({Path(folder) / TOKENIZER_DIR}), or prepare the corpus again with this one")
     return own
+
+
+def trained_vocab_size(folder: str | Path) -> int:
+    """The vocabulary asked of a BPE trained for the folder (0 for a named tokenizer): the model keeps that many
+    embedding rows even where a small corpus gave fewer merges, so its initial weights do not depend on the data."""
+    return int((read_manifest(folder).get("tokenizer") or {}).get("vocab_size", 0))
 
 
 def steps_for_epochs(folder: str | Path, block_size: int, epochs: float, global_batch: int) -> int:

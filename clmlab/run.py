@@ -240,17 +240,37 @@ class StopRequest(TrainerCallback):
 
 class _AtFirstStep(TrainerCallback):
     """Calls `action` once, at the end of this process's first optimizer step (before that step's
-    checkpoint, if any, is saved)."""
+    checkpoint, if any, is saved), or at its beginning (after its batches are fetched)."""
 
-    def __init__(self, action: Callable[[], None]):
+    def __init__(self, action: Callable[[], None], at: str = "step_end"):
         self.action: Callable[[], None] | None = action
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.at == "step_begin" and self.action is not None:
+            action, self.action = self.action, None
+            action()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.action is not None:
+        if self.at == "step_end" and self.action is not None:
             action, self.action = self.action, None
             action()
             if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()  # no rank saves into a folder the main process is still clearing
+
+
+class _PassesOverData(TrainerCallback):
+    """`epoch` as passes over the data. A dataset that is the run's whole sequence of samples is one Trainer
+    epoch long, so the Trainer's own count would say how much of the run is done instead."""
+
+    def __init__(self, global_batch: int, n_blocks: int):
+        self.global_batch, self.n_blocks = global_batch, n_blocks
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "epoch" in logs:
+            logs["epoch"] = round(state.global_step * self.global_batch / self.n_blocks, 4)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["epoch"] = logs["epoch"]
 
 
 class TrainingRun:
@@ -272,6 +292,8 @@ class TrainingRun:
         self.stop = StopRequest()
         self.training_started = False
         self._trainer = None
+        self._extra_callbacks: list[TrainerCallback] = []
+        self._restore_rng_at_first_step = False
         self._info: dict = {}
         self._existed = self.out.is_dir()
         self._entries_before = set(os.listdir(self.out)) if self._existed else set()
@@ -308,6 +330,7 @@ class TrainingRun:
         from clmlab.prepared import resume_step
 
         self.args.train_sampling_strategy = "sequential"
+        self._extra_callbacks.append(_PassesOverData(global_batch, train_dataset.n_blocks))
         if not self.resume_from:
             return
         earlier = (self._previous.get("data") or {}).get("prepared", {}).get("content_id")
@@ -318,6 +341,7 @@ class TrainingRun:
         step = resume_step(self.resume_from)
         train_dataset.start = step * global_batch
         self.args.ignore_data_skip = True
+        self._restore_rng_at_first_step = True
         logger.info(f"resuming at sample {train_dataset.start:,} (step {step:,} x global batch {global_batch}): nothing is read for the skipped steps")
 
     @property
@@ -340,6 +364,13 @@ class TrainingRun:
             self._info["attempts"] = self._attempts
         trainer.callback_handler.callbacks.insert(0, _AtFirstStep(self._begin_records))
         trainer.add_callback(self.stop)
+        for callback in self._extra_callbacks:
+            trainer.callback_handler.callbacks.insert(0, callback)  # ahead of the reporters, as values they report
+        if self._restore_rng_at_first_step:
+            # Building the dataloader's iterator draws from torch's generator after the Trainer restored it from
+            # the checkpoint; restored again here, the first step's dropout is the uninterrupted run's. (The
+            # Trainer's own restore is private API, and so is this call of it.)
+            trainer.add_callback(_AtFirstStep(lambda: trainer._load_rng_state(self.resume_from), at="step_begin"))
         if self.is_local_main:
             warn_if_short_of_memory(trainer, sequence_length)
 

@@ -120,9 +120,9 @@ def test_every_step_sees_the_same_tokens_across_epochs(tmp_path, shakespeare, st
     info = json.loads((out / "run_info.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["epoch"] >= 1  # the data ran out at least once
-    if streaming == "false":
-        assert info["data"]["train"]["tokens"] // 64 % 8 != 0, "the test needs an epoch that ends in a partial batch"
-        assert info["data"]["train"]["blocks"] % 8 == 0
+    if streaming == "false":  # the prepared path: a pass over the data may end inside a step, never a step short
+        assert info["data"]["train"]["blocks"] % 8 != 0, "the test needs a pass that ends inside a step"
+        assert info["data"]["prepared"]["passes"] > 1
     assert info["tokens_seen"] == 30 * 8 * 64, (state["epoch"], info["tokens_seen"])
 
 
@@ -151,15 +151,20 @@ def test_runs_on_different_data_start_from_identical_weights(tmp_path, shakespea
 
 
 def test_a_second_run_on_the_same_data_does_not_tokenize_again(tmp_path, shakespeare):
+    """A corpus that is not streamed is prepared once, in the datasets cache, keyed by source and tokenizer."""
     data = tmp_path / "plays.txt"
-    data.write_text(shakespeare.read_text()[:200_000])  # a file of this test's own: no earlier test cached it
+    data.write_text(shakespeare.read_text()[:200_000])  # a file of this test's own: no earlier test prepared it
     common = ["--train_files", data, "--max_steps", 1, "--eval_on_start", "false", "--max_eval_samples", 2, *TINY]
     first = run_clm(*common, "--output_dir", tmp_path / "first")
-    second = run_clm(*common, "--output_dir", tmp_path / "second")
-    assert "Tokenizing documents" in first.stderr
-    assert "Tokenizing documents" not in second.stderr
+    second = run_clm(*common, "--output_dir", tmp_path / "second", "--seed", 4)  # the seed orders the data, it does not make it
+    assert "tokenized" in first.stderr and "already prepared" not in first.stderr
+    assert "tokenized" not in second.stderr and "already prepared with these arguments" in second.stderr
     infos = [json.loads((tmp_path / run / "run_info.json").read_text()) for run in ("first", "second")]
-    assert infos[0]["data"]["fingerprint"] == infos[1]["data"]["fingerprint"]
+    assert infos[0]["data"]["prepared"] == infos[1]["data"]["prepared"]
+    data.write_text(shakespeare.read_text()[:150_000])  # the file changed: prepared again
+    third = run_clm(*common, "--output_dir", tmp_path / "third")
+    assert "tokenized" in third.stderr
+    assert json.loads((tmp_path / "third" / "run_info.json").read_text())["data"]["prepared"]["content_id"] != infos[0]["data"]["prepared"]["content_id"]
 
 
 def test_tokenizer_command_matches_the_tokenizer_a_run_trains(tmp_path, shakespeare):
