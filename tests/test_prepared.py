@@ -212,3 +212,49 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, corpus, capsys
     with pytest.raises(SystemExit) as exited:
         load_script("run_clm.py").main(["--dataset_name", str(corpus), "--max_steps", "2", "--output_dir", str(tmp_path / "o"), *TINY, *flags])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_resume_with_changed_order_settings_or_changed_data_is_refused(tmp_path, gpt2_tokenizer, capsys, monkeypatch):
+    from clmlab import run
+    from test_lifecycle import load_script
+
+    docs = documents_of(shared("tinyshakespeare/input.txt"), gpt2_tokenizer, 300)
+    folder = write_prepared(tmp_path / "corpus", gpt2_tokenizer, {"train": docs[:280], "validation": docs[280:]}, 50)
+    main = load_script("run_clm.py").main
+    common = ["--dataset_name", str(folder), "--max_steps", "6", "--per_device_train_batch_size", "2", *TINY,
+              "--output_dir", str(tmp_path / "run")]
+    original = run.StopRequest.on_step_end
+
+    def stop_at_2(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.request("test")
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(run.StopRequest, "on_step_end", stop_at_2)
+    main([*common, "--global_batch_size", "4"])
+    monkeypatch.undo()
+    for changed, message in ((["--global_batch_size", "8"], "global_batch_size: 4 -> 8"), (["--global_batch_size", "4", "--seed", "9"], "seed: 3 -> 9"),
+                             (["--global_batch_size", "4", "--block_size", "32"], "block_size: 64 -> 32")):
+        with pytest.raises(SystemExit) as exited:
+            main([*common, *changed])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    shutil.rmtree(folder)  # the same folder, prepared again from other documents
+    write_prepared(folder, gpt2_tokenizer, {"train": docs[20:280], "validation": docs[280:]}, 50)
+    with pytest.raises(SystemExit) as exited:
+        main([*common, "--global_batch_size", "4"])
+    assert exited.value.code == 2 and "the prepared folder's content changed" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_prepare_to_prepares_once_with_two_processes_and_is_reused(tmp_path):
+    folder = tmp_path / "prepared"
+    common = [*TINY, "--train_files", shared("tinyshakespeare/input.txt"), "--tokenizer_name", shared("tiny_gpt2_random"),
+              "--prepare_to", folder, "--max_steps", 3, "--per_device_train_batch_size", 2, "--global_batch_size", 4]
+    done = run_clm(*common, "--output_dir", tmp_path / "first", ranks=2)
+    assert done.stderr.count("tokenized") == 1 and prepared.is_prepared(folder)  # one process prepared it
+    again = run_clm(*common, "--output_dir", tmp_path / "second")
+    assert "tokenized" not in again.stderr and "already prepared" in again.stderr
+    infos = [json.loads((tmp_path / r / "run_info.json").read_text()) for r in ("first", "second")]
+    assert infos[0]["data"]["prepared"]["content_id"] == infos[1]["data"]["prepared"]["content_id"]
+    assert logged(tmp_path / "first", "loss")[1] == pytest.approx(logged(tmp_path / "second", "loss")[1], abs=1e-6)
