@@ -159,7 +159,7 @@ class DataArguments(DataSourceArguments):
     )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Documents in the streaming shuffle buffer."})
     tokenizer_train_documents: int = field(
-        default=100_000, metadata={"help": "With --streaming, train the BPE tokenizer on this many leading training documents."}
+        default=100_000, metadata={"help": "Train the BPE tokenizer on this many leading training documents."}
     )
 
     def __post_init__(self):

@@ -78,9 +78,8 @@ def tokenizer_for_run(model_args, data_args, documents: dict):
     documents stay unseen)."""
     if not trains_tokenizer(model_args):
         return load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
-    limit = data_args.tokenizer_train_documents if data_args.streaming else None
     started = time.perf_counter()
-    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], limit), model_args.tokenizer_vocab_size)
+    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], data_args.tokenizer_train_documents), model_args.tokenizer_vocab_size)
     logger.info(f"trained a byte-level BPE tokenizer of {len(tokenizer):,} tokens on the training documents "
                 f"in {time.perf_counter() - started:.1f} s")
     if len(tokenizer) < model_args.tokenizer_vocab_size:
@@ -97,7 +96,8 @@ class TokenizerArguments:
 
 
 def main(argv=None) -> None:
-    """Train on the same training split run_clm.py would, so both give the same tokenizer for the same data."""
+    """Train on the same training documents run_clm.py and run_prepare.py would (the first
+    --tokenizer_train_documents of the training split), so all give the same tokenizer for the same data."""
     from clmlab.args import DataArguments
     from clmlab.cli import parse_args, setup_logging
     from clmlab.data import load_documents
@@ -106,9 +106,8 @@ def main(argv=None) -> None:
     data_args, tok_args = parse_args([DataArguments, TokenizerArguments], argv, prog="python -m clmlab.tokenizer")
     if os.path.isdir(tok_args.output_dir) and os.listdir(tok_args.output_dir):
         raise UsageError(f"--output_dir {tok_args.output_dir} is not empty; choose a new folder")
-    documents = load_documents(data_args, streaming=data_args.streaming)
-    limit = data_args.tokenizer_train_documents if data_args.streaming else None
-    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], limit), tok_args.vocab_size)
+    documents = load_documents(data_args, streaming=True)
+    tokenizer = train_bpe_tokenizer(training_texts(documents["train"], data_args.tokenizer_train_documents), tok_args.vocab_size)
     tokenizer.save_pretrained(tok_args.output_dir)
     print(f"Saved a byte-level BPE tokenizer of {len(tokenizer)} tokens to {tok_args.output_dir}")
 

@@ -71,3 +71,17 @@ def logged(output_dir: Path, key: str) -> dict[int, float]:
     """A value the Trainer logged (loss, eval_loss, ...) by step, from a run's trainer_state.json."""
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
     return {e["step"]: e[key] for e in state["log_history"] if key in e}
+
+
+def stop_at_step(monkeypatch, step: int, reason: str = "test: stop requested") -> None:
+    """Have every run's stop request made during `step`, as a preemption handler would make it."""
+    from clmlab import run
+
+    original = run.StopRequest.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            self.request(reason)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(run.StopRequest, "on_step_end", on_step_end)

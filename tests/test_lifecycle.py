@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from conftest import REPO, logged, shared
+from conftest import REPO, logged, shared, stop_at_step
 
 pytestmark = pytest.mark.e2e
 
@@ -51,16 +51,7 @@ def snapshot(folder):
 @pytest.fixture
 def stop_at_step_3(monkeypatch):
     """A stop requested during step 3, as a preemption handler would request it."""
-    from clmlab import run
-
-    original = run.StopRequest.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            self.request("test: stop requested at step 3")
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(run.StopRequest, "on_step_end", on_step_end)
+    stop_at_step(monkeypatch, 3, "test: stop requested at step 3")
     return monkeypatch
 
 
@@ -211,17 +202,8 @@ def test_the_same_command_resumes_from_the_runs_own_newest_checkpoint(tmp_path, 
     main = load_script("run_clm.py").main
     stop_at_step_3.undo()
     main(clm_args(first, 2, "--save_steps", 1))
-    from clmlab import run
-
-    original = run.StopRequest.on_step_end
-
-    def stop_at_4(self, args, state, control, **kwargs):
-        if state.global_step == 4:
-            self.request("test")
-        return original(self, args, state, control, **kwargs)
-
     command = clm_args(second, 6, "--resume_from_checkpoint", str(first / "checkpoint-2"))
-    stop_at_step_3.setattr(run.StopRequest, "on_step_end", stop_at_4)
+    stop_at_step(stop_at_step_3, 4)
     main(command)
     assert info(second)["status"] == "stopped" and info(second)["resumed_from"] == str(first / "checkpoint-2")
     stop_at_step_3.undo()

@@ -13,7 +13,7 @@ import torch
 
 from clmlab import prepared
 from clmlab.data import PackedBlocks
-from conftest import logged, run_script, shared
+from conftest import logged, run_script, shared, stop_at_step
 
 TINY = ["--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
         "--block_size", "64", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--seed", "3",
@@ -139,24 +139,16 @@ def count_reads(monkeypatch):
 
 
 @pytest.mark.e2e
-def test_a_resumed_run_reads_no_skipped_block_and_equals_the_uninterrupted_run(tmp_path, corpus, count_reads, monkeypatch):
-    from clmlab import run
+def test_a_resumed_run_reads_no_skipped_block_and_equals_the_uninterrupted_run(tmp_path, corpus, count_reads):
     from test_lifecycle import load_script
 
     main = load_script("run_clm.py").main
     common = ["--dataset_name", str(corpus), "--max_steps", "8", "--per_device_train_batch_size", "2", "--global_batch_size", "4", *TINY]
     main([*common, "--output_dir", str(tmp_path / "whole")])
     assert sorted(count_reads) == list(range(8 * 4))
-    original = run.StopRequest.on_step_end
-
-    def stop_at_5(self, args, state, control, **kwargs):
-        if state.global_step == 5:
-            self.request("test")
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(run.StopRequest, "on_step_end", stop_at_5)
-    main([*common, "--output_dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(run.StopRequest, "on_step_end", original)
+    with pytest.MonkeyPatch.context() as stopping:
+        stop_at_step(stopping, 5)
+        main([*common, "--output_dir", str(tmp_path / "resumed")])
     count_reads.clear()
     main([*common, "--output_dir", str(tmp_path / "resumed")])
     assert sorted(count_reads) == list(range(5 * 4, 8 * 4))  # only the samples of steps 6 to 8
@@ -215,8 +207,7 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, corpus, capsys
 
 
 @pytest.mark.e2e
-def test_a_resume_with_changed_order_settings_or_changed_data_is_refused(tmp_path, gpt2_tokenizer, capsys, monkeypatch):
-    from clmlab import run
+def test_a_resume_with_changed_order_settings_or_changed_data_is_refused(tmp_path, gpt2_tokenizer, capsys):
     from test_lifecycle import load_script
 
     docs = documents_of(shared("tinyshakespeare/input.txt"), gpt2_tokenizer, 300)
@@ -224,16 +215,9 @@ def test_a_resume_with_changed_order_settings_or_changed_data_is_refused(tmp_pat
     main = load_script("run_clm.py").main
     common = ["--dataset_name", str(folder), "--max_steps", "6", "--per_device_train_batch_size", "2", *TINY,
               "--output_dir", str(tmp_path / "run")]
-    original = run.StopRequest.on_step_end
-
-    def stop_at_2(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            self.request("test")
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(run.StopRequest, "on_step_end", stop_at_2)
-    main([*common, "--global_batch_size", "4"])
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as stopping:
+        stop_at_step(stopping, 2)
+        main([*common, "--global_batch_size", "4"])
     for changed, message in ((["--global_batch_size", "8"], "global_batch_size: 4 -> 8"), (["--global_batch_size", "4", "--seed", "9"], "seed: 3 -> 9"),
                              (["--global_batch_size", "4", "--block_size", "32"], "block_size: 64 -> 32")):
         with pytest.raises(SystemExit) as exited:
