@@ -15,7 +15,7 @@ import sys
 import time
 
 from clmlab.args import DataArguments
-from clmlab.cli import exits_on_usage_error, parse_args, setup_logging
+from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
 from clmlab.prepare import PrepareArguments, prepare_corpus, summary
 
 
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     data_args, prepare_args = parse_args([DataArguments, PrepareArguments], sys.argv[1:] if argv is None else argv,
                                          prog="run_prepare.py")
+    if data_args.prepare_to:
+        raise UsageError("--prepare_to is run_clm.py's; here the folder to write is --output_dir")
 
     # 2. Read, tokenize and write; or find the folder already prepared with these arguments.
     started = time.perf_counter()
