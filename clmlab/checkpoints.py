@@ -40,6 +40,11 @@ def is_complete_checkpoint(path: Path) -> bool:
     return read_json(path / "trainer_state.json") is not None
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return int(read_json(Path(checkpoint) / "trainer_state.json")["global_step"])
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     steps = []
     for path in Path(output_dir).glob("checkpoint-*"):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clmlab.cli import UsageError
-from clmlab.tokenizer import TOKENIZER_FILES, load_tokenizer
+from clmlab.tokenizer import load_tokenizer, trains_tokenizer
 
 FORMAT = "clmlab-prepared"
 FORMAT_VERSION = 1
@@ -210,23 +210,12 @@ def load_prepared(folder: str | Path, block_size: int, seed: int, global_batch: 
     return PreparedData(train, validation, stats)
 
 
-def resume_step(checkpoint: str | Path | None) -> int:
-    """The optimizer step a checkpoint was saved at (0 without one)."""
-    if not checkpoint:
-        return 0
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return int(state["global_step"])
-
-
 def tokenizer_for_prepared(folder: str | Path, model_args):
     """The prepared folder's own tokenizer; a tokenizer the run names (--tokenizer_name, or the checkpoint's
     when continuing) must be that one, or the token ids would mean other words."""
-    import os
-
     given, what = model_args.tokenizer_name, "--tokenizer_name"
-    checkpoint = model_args.model_name_or_path
-    if not given and checkpoint and (not os.path.isdir(checkpoint) or any(os.path.exists(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES)):
-        given, what = checkpoint, "the checkpoint's (--model_name_or_path)"
+    if not given and not trains_tokenizer(model_args):  # a checkpoint that brings its tokenizer
+        given, what = model_args.model_name_or_path, "the checkpoint's (--model_name_or_path)"
     own = load_tokenizer(str(Path(folder) / TOKENIZER_DIR))
     if given:
         tokenizer = load_tokenizer(given)

@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import TrainerState
 
-from clmlab.checkpoints import is_complete_checkpoint, last_complete_checkpoint, read_json
+from clmlab.checkpoints import checkpoint_step, is_complete_checkpoint, last_complete_checkpoint, read_json
 from clmlab import modeling
 from clmlab.cli import UsageError, first_line, on_failure
 
@@ -327,8 +327,6 @@ class TrainingRun:
         """For a dataset that is itself the run's sequence of samples (clmlab.prepared.PreparedBlocks): the
         Trainer reads it in order, and a resumed run starts at its checkpoint's sample, in constant time,
         instead of having the Trainer walk past every sample it skips."""
-        from clmlab.prepared import resume_step
-
         self.args.train_sampling_strategy = "sequential"
         self._extra_callbacks.append(_PassesOverData(global_batch, train_dataset.n_blocks))
         if not self.resume_from:
@@ -338,7 +336,7 @@ class TrainingRun:
         if earlier and now and earlier != now:
             raise UsageError(f"the prepared folder's content changed since {self.resume_from} was saved (content id {earlier[:12]} -> "
                              f"{now[:12]}); resume only on the data the run started with, or start a new --output_dir")
-        step = resume_step(self.resume_from)
+        step = checkpoint_step(self.resume_from)
         train_dataset.start = step * global_batch
         self.args.ignore_data_skip = True
         self._restore_rng_at_first_step = True
