@@ -15,11 +15,14 @@ from pathlib import Path
 
 from transformers import Trainer, default_data_collator
 
-from callbacks import LossPlotCallback, PerplexityCallback, ThroughputCallback, add_log_callbacks
+from callbacks import (BenchmarkCallback, EvalSetsCallback, LossPlotCallback, PerplexityCallback, PretrainingSamplesCallback,
+                       ThroughputCallback, add_log_callbacks)
+from callbacks.benchmarks import load_benchmark
 from callbacks.loss_plot import PLOT_FILE
-from clmlab import data, modeling, prepare, prepared, run
-from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments, parse_overrides
+from clmlab import data, eval_sets, modeling, prepare, prepared, run, trackers
+from clmlab.args import ClmTrainingArguments, DataArguments, InTrainingEvalArguments, ModelArguments, parse_overrides
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
+from clmlab.generation import DecodingSettings
 from clmlab.tokenizer import tokenizer_for_run, trains_tokenizer
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "experiments" / "quickstart.yaml"
@@ -31,8 +34,8 @@ logger = logging.getLogger("run_clm")
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments, each checked as it is parsed. With no data and no model, the quickstart is the base.
     setup_logging()
-    model_args, data_args, args = parse_args(
-        [ModelArguments, DataArguments, ClmTrainingArguments], sys.argv[1:] if argv is None else argv, prog="run_clm.py",
+    model_args, data_args, evals, args = parse_args(
+        [ModelArguments, DataArguments, InTrainingEvalArguments, ClmTrainingArguments], sys.argv[1:] if argv is None else argv, prog="run_clm.py",
         alternatives=[("max_steps", "max_train_tokens")],
         base_config=(QUICKSTART, DATA_OR_MODEL))
     if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = modeling.build_config(model_args)
     block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
     modeling.check_shape(config, block_size)
-    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, args))
+    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, evals, args))
     if training.finished:
         return training.finished["final_metrics"]
 
@@ -88,17 +91,31 @@ def main(argv: list[str] | None = None) -> dict:
         counts = [f"{v:,} {k}" for k, v in lm_data.stats[split].items() if type(v) is int]
         logger.info(f"{split}: {', '.join(counts) or 'streamed, counted as it is read'}")
 
-    # 5. Train, save, evaluate, record.
-    trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, eval_dataset=lm_data.validation,
-                      processing_class=tokenizer, data_collator=default_data_collator)
-    add_log_callbacks(trainer, ThroughputCallback(), PerplexityCallback())
-    trainer.add_callback(LossPlotCallback(f"{describe_data(data_args)} - GPT-2 {n_params / 1e6:.2f}M params"))
+    # 5. What every evaluation measures: the loss and bits per byte of each named set (the run's own validation
+    #    split among them), multiple-choice benchmarks, samples of fixed prompts.
+    sets, own = eval_sets.eval_sets_for_run(evals.named_eval_files, lm_data.validation, tokenizer, block_size, data_args)
+    benchmarks = [load_benchmark(spec, path, evals.benchmark_limit) for spec, path in evals.named_benchmarks.items()]
+    dataset = data_args.dataset_label or describe_data(data_args)
+    trackers.configure_trackers(args, dataset, args.seed)
+
+    # 6. Train, save, evaluate, record.
+    trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, processing_class=tokenizer, data_collator=default_data_collator,
+                      eval_dataset={name: s.blocks for name, s in sets.items()} if len(sets) > 1 else lm_data.validation)
+    add_log_callbacks(trainer, EvalSetsCallback({name: s.identity for name, s in sets.items()}, own, named=len(sets) > 1),
+                      *([BenchmarkCallback(benchmarks, tokenizer, args.per_device_eval_batch_size)] if benchmarks else []),
+                      ThroughputCallback(), PerplexityCallback())
+    trainer.add_callback(LossPlotCallback(f"{dataset} - GPT-2 {n_params / 1e6:.2f}M params"))
     out = Path(args.output_dir)
+    if evals.sample_prompts:
+        settings = DecodingSettings(max_new_tokens=evals.sample_max_new_tokens, temperature=evals.sample_temperature, seed=0)
+        trainer.add_callback(PretrainingSamplesCallback(out / "samples.jsonl", evals.sample_prompts, tokenizer, settings))
     return training.train(
         trainer, sequence_length=block_size,
         record={"data": {"sources": data.describe_sources(data_args), "block_size": block_size, **lm_data.stats},
                 "model": {"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict(),
-                          "tokenizer_tokens": len(tokenizer)},
+                          "tokenizer_tokens": len(tokenizer), "tokenizer_sha256": prepared.tokenizer_sha256(tokenizer)},
+                "comparison": {"name": args.comparison, "dataset": dataset, "seed": args.seed},
+                "eval_sets": {name: s.record() for name, s in sets.items()}, "benchmarks": {b.name: b.record() for b in benchmarks},
                 "budget": {"max_steps": args.max_steps, "tokens_per_step": step_tokens,
                            "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None}},
         report=[f"Checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained or transformers.pipeline)",

@@ -1,11 +1,14 @@
 """TrainerCallbacks shared by the clmlab scripts."""
 
+from callbacks.benchmarks import BenchmarkCallback
+from callbacks.eval_sets import EvalSetsCallback
 from callbacks.loss_plot import LossPlotCallback
 from callbacks.perplexity import PerplexityCallback
-from callbacks.samples import SamplesCallback
+from callbacks.samples import PretrainingSamplesCallback, SamplesCallback
 from callbacks.throughput import ThroughputCallback
 
-__all__ = ["LossPlotCallback", "PerplexityCallback", "SamplesCallback", "ThroughputCallback", "add_log_callbacks"]
+__all__ = ["BenchmarkCallback", "EvalSetsCallback", "LossPlotCallback", "PerplexityCallback", "PretrainingSamplesCallback",
+           "SamplesCallback", "ThroughputCallback", "add_log_callbacks"]
 
 
 def add_log_callbacks(trainer, *log_callbacks) -> None:

@@ -161,6 +161,15 @@ class DataArguments(DataSourceArguments):
     tokenizer_train_documents: int = field(
         default=100_000, metadata={"help": "Train the BPE tokenizer on this many leading training documents."}
     )
+    document_subset: str | None = field(
+        default=None,
+        metadata={"help": "Keep only the documents whose text hashes into bucket K of N ('K/N'): 0/2 and 1/2 are two disjoint "
+                  "halves of one corpus, a null pair for a comparison (run_sweep.py --null_arm)."},
+    )
+    dataset_label: str | None = field(
+        default=None,
+        metadata={"help": "This dataset's name in comparisons, trackers and reports. Unset: from --dataset_name or --train_files."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -171,8 +180,53 @@ class DataArguments(DataSourceArguments):
             require(getattr(self, flag) >= 1, flag, getattr(self, flag), "must be 1 or more")
         if self.prepare_to and self.streaming:
             raise UsageError("--prepare_to prepares the data once and reads it in place; drop --streaming, or drop --prepare_to to stream")
+        data.DocumentSubset.parse(self.document_subset)
+        if self.document_subset and self.streaming:
+            raise UsageError("--document_subset keeps a hash bucket of a prepared corpus; drop --streaming")
         if not self.document_separator.strip():
             raise UsageError("--document_separator is empty; give the text of the line that ends a document, e.g. '<|endoftext|>'")
+
+
+@dataclass
+class InTrainingEvalArguments:
+    """What run_clm.py measures at every evaluation besides the loss on its own validation split."""
+
+    eval_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Named evaluation sets, name=PATH (text, jsonl, or a prepared folder: its validation split); in YAML a "
+                  "mapping. Each is logged as eval_<name>_loss and eval_<name>_bpb on its first --max_eval_samples blocks.",
+                  "nargs": "+"},
+    )
+    benchmark: list[str] | None = field(
+        default=None,
+        metadata={"help": "Multiple-choice benchmarks scored at every evaluation, name=PATH (HellaSwag or CommonsenseQA/ARC "
+                  "jsonl), or name:mc=PATH for the lettered-choices formulation; logged as eval_<name>_acc, _acc_norm, "
+                  "_acc_centered, _gold_logprob, _gold_bpb, _gold_prob.", "nargs": "+"},
+    )
+    benchmark_limit: int | None = field(default=200, metadata={"help": "Score the first N examples of each benchmark (a fixed subset)."})
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompts continued at every evaluation (fixed seed and decoding), written to samples.jsonl.", "nargs": "+"},
+    )
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the samples (top-k 50, seed 0)."})
+
+    def __post_init__(self):
+        from clmlab.eval_sets import parse_named
+
+        self.named_eval_files = parse_named(self.eval_files, "eval_files")
+        self.named_benchmarks = parse_named(self.benchmark, "benchmark")
+        for name, path in {**self.named_eval_files, **self.named_benchmarks}.items():
+            flag = "eval_files" if name in self.named_eval_files else "benchmark"
+            if not os.path.exists(path):
+                raise UsageError(f"--{flag} {name}={path}: no such file or folder")
+        for name in self.named_benchmarks:
+            formulation = name.partition(":")[2] or "rc"
+            if formulation not in ("rc", "mc"):
+                raise UsageError(f"--benchmark {name}=...: the formulation after ':' is rc (choices scored as text) or mc (letters)")
+        require(self.benchmark_limit is None or self.benchmark_limit >= 1, "benchmark_limit", self.benchmark_limit, "must be 1 or more")
+        require(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", self.sample_max_new_tokens, "must be 1 or more")
+        require(0 < self.sample_temperature < float("inf"), "sample_temperature", self.sample_temperature, "must be positive and finite")
 
 
 @dataclass
@@ -261,6 +315,11 @@ class ClmTrainingArguments(RunTrainingArguments):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    comparison: str | None = field(
+        default=None, metadata={"help": "The comparison this run belongs to: the tracker's group, and the report's title."}
+    )
+    run_tags: list[str] | None = field(default=None, metadata={"help": "Tags for the tracker (wandb).", "nargs": "+"})
+    tracker_project: str = field(default="clmlab", metadata={"help": "The tracker's project (wandb; WANDB_PROJECT wins if set)."})
 
     def check_ranges(self) -> None:
         super().check_ranges()

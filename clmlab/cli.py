@@ -105,8 +105,9 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset()) -> list[str]:
-    """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one."""
+def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset(), lists: set[str] = frozenset()) -> list[str]:
+    """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one. A
+    mapping given to a flag that takes several values (`lists`) becomes its `name=value` items."""
     try:
         config = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
     except FileNotFoundError:
@@ -126,6 +127,8 @@ def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset()
             continue
         if isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict) and key in lists:
+            argv += [f"--{key}", *(f"{name}={item}" for name, item in value.items())]
         elif isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
         else:
@@ -161,7 +164,8 @@ def parse_args(
         known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
         given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv[1:] if a.startswith("--")}
         drop = {flag for group in alternatives if given & set(group) for flag in group if flag not in given}
-        argv = yaml_to_argv(argv[0], known, drop) + argv[1:]
+        lists = {f.name for cls in dataclass_types for f in fields(cls) if f.init and f.metadata.get("nargs")}
+        argv = yaml_to_argv(argv[0], known, drop, lists) + argv[1:]
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:

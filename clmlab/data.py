@@ -210,6 +210,39 @@ class DocumentSplit:
         return [self.is_validation(text) for text in batch["text"]]
 
 
+@dataclass(frozen=True)
+class DocumentSubset:
+    """Keeps the documents whose text hashes into bucket `index` of `count` (--document_subset index/count).
+
+    Two buckets of one corpus are disjoint halves of its documents, drawn alike: a null pair, two "datasets"
+    a comparison must not tell apart. The hash is keyed apart from DocumentSplit's, so a bucket holds its
+    share of both splits, and its validation documents are the corpus's own validation documents in it.
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, value: str | None, flag: str = "--document_subset") -> "DocumentSubset | None":
+        if not value:
+            return None
+        index, sep, count = value.partition("/")
+        try:
+            subset = cls(int(index), int(count))
+        except ValueError:
+            subset = None
+        if not sep or subset is None or not 0 <= subset.index < subset.count or subset.count < 2:
+            raise UsageError(f"{flag} {value}: write index/count with 0 <= index < count and count >= 2, e.g. 0/2 and 1/2 for two halves")
+        return subset
+
+    def keeps(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"clmlab-subset").digest()
+        return int.from_bytes(digest, "big") % self.count == self.index
+
+    def mask(self, batch: dict) -> list[bool]:
+        return [self.keeps(text) for text in batch["text"]]
+
+
 def choice_fields(doc: dict, question: str = "question", choices: str = "choices", answer: str = "answerKey"):
     """(stem, labels, texts, answer label) of a CommonsenseQA / ARC record in either layout: the original
     {"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"} or the Hub's flat
@@ -266,6 +299,10 @@ def load_source_documents(data_args, streaming: bool = False) -> dict:
         train = datasets.Dataset.from_dict({"text": texts})
         if streaming:
             train = train.to_iterable_dataset()
+    subset = DocumentSubset.parse(getattr(data_args, "document_subset", None))
+    if subset:
+        train = train.filter(subset.mask, batched=True)
+        validation = validation.filter(subset.mask, batched=True) if validation is not None else None
     if isinstance(train, datasets.Dataset) and len(train) == 0:
         raise UsageError("the training data holds no documents with text; "
                          f"check --text_column {data_args.text_column!r} and the files or dataset given")

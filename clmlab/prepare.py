@@ -302,6 +302,7 @@ class _SourceStream:
         self.total_bytes = sum(os.path.getsize(path) for path in files) if files else None
         self.total_documents = len(documents) if not files and hasattr(documents, "__len__") else None
         self.bytes_read = self.documents_read = 0
+        self.subset = data.DocumentSubset.parse(getattr(data_args, "document_subset", None))
 
     def position(self, by_bytes: bool) -> int:
         return self.bytes_read if by_bytes else self.documents_read
@@ -316,7 +317,8 @@ class _SourceStream:
                     # Within a file, the text's own bytes: the separators and blank lines between documents are not counted.
                     read += len(document["text"].encode("utf-8")) + 1
                     self.bytes_read, self.documents_read = done + min(read, size), self.documents_read + 1
-                    yield document["text"]
+                    if self.subset is None or self.subset.keeps(document["text"]):
+                        yield document["text"]
                 done += size
                 self.bytes_read = done
             return
@@ -733,6 +735,8 @@ def _recipe(data_args, tokenizer_name: str | None, tokenizer_vocab_size: int, do
             "validation_files": bool(data_args.validation_files),
             "decode_errors": data_args.decode_errors,
             "documents_per_part": documents_per_part,
+            # Only when given: folders prepared before the flag existed keep their recipe.
+            **({"document_subset": data_args.document_subset} if getattr(data_args, "document_subset", None) else {}),
         },
     }
 

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import TrainerState
 
 from clmlab.checkpoints import checkpoint_step, is_complete_checkpoint, last_complete_checkpoint, read_json
-from clmlab import modeling
+from clmlab import modeling, trackers
 from clmlab.cli import UsageError, first_line, on_failure
 
 ARGS_FILE = "run_args.json"
@@ -37,6 +37,7 @@ NOT_RUN_DEFINING = {
     "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "local_rank", "logging_first_step",
     "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
     "use_cpu",  # set for DDP over gloo on a machine with no GPU: the same computation on one process or several
+    "comparison", "run_tags", "tracker_project", "dataset_label",
 }
 # Every package whose version can change what a run computes or how its files are read back.
 PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft", "safetensors",
@@ -152,12 +153,14 @@ def _check_writable(out: Path) -> None:
 
 
 def final_evaluation(trainer) -> dict:
-    """The evaluation at the last step, made again only if the Trainer did not already make it."""
-    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-    for entry in reversed(last):
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return {k: v for k, v in entry.items() if k.startswith("eval_")}
-    return trainer.evaluate()
+    """The evaluation at the last step, made again only if the Trainer did not already make it (with several
+    evaluation sets, it logged one entry per set at that step)."""
+    found = {}
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != trainer.state.global_step:
+            break
+        found = {**{k: v for k, v in entry.items() if k.startswith("eval_")}, **found}
+    return found if "eval_loss" in found else trainer.evaluate()
 
 
 def package_versions() -> dict:
@@ -453,6 +456,7 @@ class TrainingRun:
                 _remove(self.out / name)
         write_json(self.out / ARGS_FILE, self.resolved)
         write_json(self.out / INFO_FILE, self._info)
+        trackers.add_run_record(self.args, self._info)
         if self._trainer.processing_class is not None:
             self._trainer.processing_class.save_pretrained(self.out)
 
