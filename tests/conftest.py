@@ -52,10 +52,10 @@ def gpt2_tokenizer():
     return AutoTokenizer.from_pretrained(shared("tiny_gpt2_random"))
 
 
-def run_script(script: str, *args, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(script: str, *args, ranks: int = 1, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """One of the project's scripts in a fresh process, as a user runs it; with `ranks` > 1, under torchrun
-    (DDP over gloo on a CPU machine)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    (DDP over gloo on a CPU machine). `env` adds to or overrides the environment."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
     launcher = [sys.executable]
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
