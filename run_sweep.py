@@ -4,6 +4,7 @@
     python run_sweep.py configs/experiments/three_corpora.yaml                # everything, then report/
     python run_sweep.py configs/experiments/three_corpora.yaml --null_arm tinystories
     python run_sweep.py FILE --list                                         # the runs, one run_clm.py command each
+    python run_sweep.py FILE --prepare_only                                 # tokenize every dataset (a first SLURM job)
     python run_sweep.py FILE --task 3                                       # run 3 only (a SLURM array task)
     python run_sweep.py FILE --report_only                                  # the report of the runs done so far
 
@@ -38,6 +39,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("comparison_file", help="The comparison's YAML file (configs/experiments/).")
     parser.add_argument("--null_arm", help="Also train two disjoint halves of this dataset (by document hash), as two datasets.")
     parser.add_argument("--list", action="store_true", help="Print the runs as run_clm.py commands and stop.")
+    parser.add_argument("--prepare_only", action="store_true", help="Prepare every dataset (and the shared tokenizer) and stop.")
     parser.add_argument("--task", type=int, help="Prepare what run N needs and train run N only (0-based; SLURM_ARRAY_TASK_ID).")
     parser.add_argument("--report_only", action="store_true", help="Write the report from the runs there are; train nothing.")
     parser.add_argument("--force", action="store_true", help="Write the report even where controls differ (run_compare.py --force).")
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = comparison.runs if options.task is None else [comparison.runs[options.task]]
         # Every run evaluates on every dataset's held-out text: all the datasets are prepared before the first run.
         prepare(comparison, list(comparison.datasets))
+        if options.prepare_only:
+            return 0
         train(comparison, runs)
         if options.task is not None:
             return 0

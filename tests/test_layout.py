@@ -3,7 +3,7 @@ module loads when it is imported:
 
 - the scripts (run_*.py) import clmlab and callbacks, never each other;
 - clmlab never imports a script or callbacks (callbacks build on clmlab, not the reverse);
-- data code (clmlab.data, clmlab.tokenizer, clmlab.templates, clmlab.prepared, clmlab.prepare, clmlab.sft.formats,
+- data code (clmlab.data, clmlab.eval_sets, clmlab.tokenizer, clmlab.templates, clmlab.prepared, clmlab.prepare, clmlab.sft.formats,
   clmlab.sft.encoding) never imports model or Trainer code, directly or through another clmlab module.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-DATA_CODE = {"clmlab.data", "clmlab.tokenizer", "clmlab.templates", "clmlab.prepared", "clmlab.prepare", "clmlab.sft.formats",
+DATA_CODE = {"clmlab.data", "clmlab.eval_sets", "clmlab.tokenizer", "clmlab.templates", "clmlab.prepared", "clmlab.prepare", "clmlab.sft.formats",
              "clmlab.sft.encoding"}
 # Model, Trainer and training-run code, in clmlab and in the libraries.
 MODEL_OR_TRAINER = {"clmlab.modeling", "clmlab.run", "clmlab.checkpoints", "clmlab.generation", "clmlab.evaluation",
