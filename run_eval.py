@@ -5,6 +5,7 @@ one comparison table.
     python run_eval.py --checkpoint runs/a runs/b --task perplexity --data_file ../shared/data/wikitext2/test.txt
     python run_eval.py --checkpoint runs/a --task hellaswag --data_file ../shared/data/hellaswag/hellaswag_val.jsonl
     python run_eval.py --checkpoint runs/a --task multiple_choice --data_file ../shared/data/commonsenseqa/dev_rand_split.jsonl
+    python run_eval.py --checkpoint runs/a --task multiple_choice --formulation mc --data_file ../shared/data/commonsenseqa/dev_rand_split.jsonl
     python run_eval.py --checkpoint runs/a --task qa --data_file ../shared/data/qa/webglm_nq_open.jsonl --limit 100
 """
 
@@ -31,6 +32,10 @@ HUB_DEFAULTS = {"hellaswag": ("Rowan/hellaswag", "validation"), "multiple_choice
 class EvalArguments:
     checkpoint: list[str] = field(metadata={"help": "One or more run folders or checkpoint-N folders.", "nargs": "+"})
     task: str = field(default="perplexity", metadata={"help": "What to measure.", "choices": list(TASKS)})
+    formulation: str = field(default="rc", metadata={
+        "help": "hellaswag and multiple_choice: rc scores each choice's text as the continuation; mc lists the choices "
+                "with letters in the prompt and scores the letter (lm-evaluation-harness's commonsense_qa prompt).",
+        "choices": list(evaluation.FORMULATIONS)})
     data_file: str | None = field(default=None, metadata={"help": "Local data: text or jsonl (perplexity), jsonl (the other tasks)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset instead of --data_file."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
@@ -46,6 +51,8 @@ class EvalArguments:
         for flag in ("batch_size", "max_new_tokens", "limit", "stride"):
             value = getattr(self, flag)
             require(value is None or value >= 1, flag, value, "must be 1 or more")
+        require(self.formulation == "rc" or self.task in evaluation.CHOICE_TASKS, "formulation", self.formulation,
+                f"only for --task {' or '.join(evaluation.CHOICE_TASKS)}")
 
 
 def load_records(args: EvalArguments) -> list[dict]:
@@ -111,12 +118,11 @@ def evaluate_checkpoint(model, tokenizer, args: EvalArguments, records: list[dic
                 raise UsageError(f"--max_new_tokens {args.max_new_tokens}: {error}") from None
             answers += [texts[0].strip().split("\n")[0] for texts in outputs]
         return evaluation.qa_scores(answers, references)
-    make = evaluation.hellaswag_example if args.task == "hellaswag" else evaluation.multiple_choice_example
     try:
-        examples = [make(r) for r in records]
+        examples = evaluation.choice_examples(records, args.task, args.formulation)
     except (KeyError, ValueError, TypeError) as error:
         raise UsageError(f"--task {args.task}: a record is not in the expected layout ({type(error).__name__}: {error})") from None
-    with tqdm(total=sum(len(e.choices) for e in examples), desc=f"{label}: {args.task}", unit="choice") as bar:
+    with tqdm(total=sum(len(e.choices) for e in examples), desc=f"{label}: {args.task} ({args.formulation})", unit="choice") as bar:
         return evaluation.score_choices(model, tokenizer, examples, args.batch_size, bar.update)
 
 
@@ -146,12 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_checkpoint(model, tokenizer, args, records, path, text)
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         results[path] = metrics
-    print(f"\n{args.task} on {args.data_file or args.dataset_name or HUB_DEFAULTS.get(args.task, ('',))[0]}"
+    formulation = args.formulation if args.task in evaluation.CHOICE_TASKS else None
+    print(f"\n{args.task}{f' ({formulation})' if formulation else ''}"
+          f" on {args.data_file or args.dataset_name or HUB_DEFAULTS.get(args.task, ('',))[0]}"
           f" ({len(records)} records{', int8' if placement.quantize else ''})")
     print(comparison_table(results))
     if args.output_json:
         payload = {"task": args.task, "data": args.data_file or args.dataset_name, "records": len(records),
-                   "settings": {"stride": args.stride, "limit": args.limit, "dtype": placement.dtype, "quantize": placement.quantize},
+                   "settings": {"formulation": formulation, "stride": args.stride, "limit": args.limit, "dtype": placement.dtype,
+                                "quantize": placement.quantize},
                    "results": results}
         Path(args.output_json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"Wrote {args.output_json}")

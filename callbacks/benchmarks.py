@@ -33,10 +33,17 @@ class Benchmark:
                 "sha256": hashlib.sha256(payload.encode("utf-8")).hexdigest()}
 
 
+def benchmark_name(spec: str) -> str:
+    name, _, formulation = spec.partition(":")
+    return f"{name}_mc" if formulation == "mc" else name
+
+
 def load_benchmark(spec: str, path: str, limit: int | None) -> Benchmark:
-    """`name` or `name:mc` and a HellaSwag or CommonsenseQA/ARC jsonl file: its first `limit` examples."""
+    """`name` or `name:mc` and a HellaSwag or CommonsenseQA/ARC jsonl file: its first `limit` examples. The
+    lettered formulation of a benchmark is logged as `<name>_mc`, so both formulations of one file can be run."""
     name, _, formulation = spec.partition(":")
     formulation = formulation or "rc"
+    name = benchmark_name(spec)
     try:
         records = list(evaluation.read_jsonl(path, limit))
     except (OSError, ValueError) as error:

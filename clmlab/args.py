@@ -200,7 +200,7 @@ class InTrainingEvalArguments:
     benchmark: list[str] | None = field(
         default=None,
         metadata={"help": "Multiple-choice benchmarks scored at every evaluation, name=PATH (HellaSwag or CommonsenseQA/ARC "
-                  "jsonl), or name:mc=PATH for the lettered-choices formulation; logged as eval_<name>_acc, _acc_norm, "
+                  "jsonl), or name:mc=PATH for the lettered-choices formulation (logged as <name>_mc); logged as eval_<name>_acc, _acc_norm, "
                   "_acc_centered, _gold_logprob, _gold_bpb, _gold_prob.", "nargs": "+"},
     )
     benchmark_limit: int | None = field(default=200, metadata={"help": "Score the first N examples of each benchmark (a fixed subset)."})
@@ -220,10 +220,15 @@ class InTrainingEvalArguments:
             flag = "eval_files" if name in self.named_eval_files else "benchmark"
             if not os.path.exists(path):
                 raise UsageError(f"--{flag} {name}={path}: no such file or folder")
+        logged = set()
         for name in self.named_benchmarks:
-            formulation = name.partition(":")[2] or "rc"
-            if formulation not in ("rc", "mc"):
+            stem, _, formulation = name.partition(":")
+            if (formulation or "rc") not in ("rc", "mc"):
                 raise UsageError(f"--benchmark {name}=...: the formulation after ':' is rc (choices scored as text) or mc (letters)")
+            metric_name = f"{stem}_mc" if formulation == "mc" else stem
+            if metric_name in logged or metric_name in self.named_eval_files:
+                raise UsageError(f"--benchmark {name}: its metrics (eval_{metric_name}_*) would clash with another's; rename it")
+            logged.add(metric_name)
         require(self.benchmark_limit is None or self.benchmark_limit >= 1, "benchmark_limit", self.benchmark_limit, "must be 1 or more")
         require(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", self.sample_max_new_tokens, "must be 1 or more")
         require(0 < self.sample_temperature < float("inf"), "sample_temperature", self.sample_temperature, "must be positive and finite")

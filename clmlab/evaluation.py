@@ -23,12 +23,20 @@ Progress = Callable[[int], None]  # called with the number of items just finishe
 # --------------------------------------------------------------------------------------------------- log-likelihoods
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Tokens of context and continuation as lm-evaluation-harness makes them: spaces at the end of the
-    context move to the continuation, and the continuation's tokens are those the joined text adds."""
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """Context and continuation as they are scored: spaces at the end of the context move to the
+    continuation (lm-evaluation-harness's rule), so a context ending in a space and a continuation starting
+    with one tokenize alike. Bits per byte counts the bytes of the continuation as split here."""
     trailing = len(context) - len(context.rstrip())
     if trailing:
         context, continuation = context[:-trailing], context[-trailing:] + continuation
+    return context, continuation
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of context and continuation as lm-evaluation-harness makes them: spaces at the end of the
+    context move to the continuation, and the continuation's tokens are those the joined text adds."""
+    context, continuation = split_pair(context, continuation)
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     return context_ids, whole[len(context_ids):]
@@ -146,12 +154,38 @@ def sliding_window_perplexity(model, tokenizer, text: str, stride: int | None = 
 # --------------------------------------------------------------------------------------------------- choice tasks
 
 
+FORMULATIONS = ("rc", "mc")
+CHOICE_TASKS = ("hellaswag", "multiple_choice")
+
+
 @dataclass
 class ChoiceExample:
+    """One multiple-choice item as scored: each choice is a continuation of `context` after `delimiter`, and
+    the model's choice is the one it finds most likely."""
+
     context: str
     choices: list[str]  # scored as continuations after `delimiter`
     gold: int
     delimiter: str = " "
+
+
+def _check_formulation(formulation: str) -> None:
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation {formulation!r}: must be 'rc' (score each choice's text as the continuation) "
+                         f"or 'mc' (list the choices with letters and score the letter)")
+
+
+def lettered_prompt(stem: str, labels: Sequence[str], texts: Sequence[str]) -> str:
+    r"""The multiple-choice ('mc') prompt: the question, then one line per choice, "<label>. <text>", then
+    "Answer:"; the labels are what is scored, after a space.
+
+    Mirrors the doc_to_text of lm-evaluation-harness's commonsense_qa task
+    (lm_eval/tasks/commonsense_qa/default.yaml: "Question: {{ question.strip() }}\nA. {{choices['text'][0]}}\n
+    ... E. {{choices['text'][4]}}\nAnswer:", doc_to_choice ['A', 'B', 'C', 'D', 'E'], and the default
+    target_delimiter " "). That file writes out five lettered lines; here there are as many lines as the record
+    has choices, under the record's own labels, so ARC's "1".."4" or A-D items render the same way."""
+    lines = [f"Question: {stem.strip()}"] + [f"{label}. {text}" for label, text in zip(labels, texts)]
+    return "\n".join(lines) + "\nAnswer:"
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -161,36 +195,138 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def hellaswag_example(doc: dict) -> ChoiceExample:
-    context = doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return ChoiceExample(hellaswag_preprocess(context), [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
+def hellaswag_example(doc: dict, formulation: str = "rc") -> ChoiceExample:
+    """A HellaSwag record (activity_label, ctx_a, ctx_b, endings, label) as a ChoiceExample.
+
+    rc: lm-evaluation-harness's hellaswag task: each cleaned ending scored after the cleaned context.
+    mc: clmlab's own (lm-evaluation-harness has no multiple-choice HellaSwag): the cleaned context in the
+    question's place of the commonsense_qa prompt (lettered_prompt), the endings listed as A-D, and the
+    letter scored."""
+    _check_formulation(formulation)
+    context = hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+    endings = [hellaswag_preprocess(e) for e in doc["endings"]]
+    gold = int(doc["label"])
+    if formulation == "mc":
+        labels = list(string.ascii_uppercase[: len(endings)])
+        return ChoiceExample(lettered_prompt(context, labels, endings), labels, gold)
+    return ChoiceExample(context, endings, gold)
 
 
-def multiple_choice_example(doc: dict) -> ChoiceExample:
+def multiple_choice_example(doc: dict, formulation: str = "rc") -> ChoiceExample:
+    r"""A CommonsenseQA / ARC record (question, choices, answerKey; either layout, see clmlab.data.choice_fields)
+    as a ChoiceExample.
+
+    rc: "Question: <stem>\nAnswer:" and each choice's text scored after it (lm-evaluation-harness's
+    commonsense_qa/main.yaml and arc prompts). mc: the commonsense_qa default.yaml prompt (lettered_prompt)
+    with the record's labels scored."""
+    _check_formulation(formulation)
     stem, labels, texts, answer = choice_fields(doc)
+    if formulation == "mc":
+        return ChoiceExample(lettered_prompt(stem, labels, texts), list(labels), labels.index(answer))
     return ChoiceExample(f"Question: {stem}\nAnswer:", texts, labels.index(answer))
+
+
+def detect_choice_task(record: dict) -> str:
+    """The task of a record, "hellaswag" or "multiple_choice", from the record's fields: HellaSwag has ctx_a, ctx_b, endings and
+    label; CommonsenseQA / ARC have question, choices (top level, or inside question in the original layout)
+    and answerKey. So one data file says what it holds without a flag."""
+    if isinstance(record, dict):
+        if all(key in record for key in ("ctx_a", "ctx_b", "endings", "label")):
+            return "hellaswag"
+        question = record.get("question")
+        has_choices = "choices" in record or (isinstance(question, dict) and "choices" in question)
+        if question is not None and has_choices and "answerKey" in record:
+            return "multiple_choice"
+    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"a record with fields {fields} is neither HellaSwag (ctx_a, ctx_b, endings, label) "
+                     f"nor CommonsenseQA/ARC (question, choices, answerKey)")
+
+
+def choice_examples(records: Iterable[dict], task: str, formulation: str = "rc") -> list[ChoiceExample]:
+    """The ChoiceExamples of a task's records, task "hellaswag" or "multiple_choice", in either formulation."""
+    _check_formulation(formulation)
+    if task not in CHOICE_TASKS:
+        raise ValueError(f"task {task!r}: must be one of {', '.join(CHOICE_TASKS)}")
+    make = hellaswag_example if task == "hellaswag" else multiple_choice_example
+    return [make(record, formulation) for record in records]
+
+
+def choice_records(model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16,
+                   progress: Progress | None = None) -> list[dict]:
+    """The per-example part of choice scoring, one plain JSON-able dict an example, so that processes can
+    each score a shard, gather the records (torch.distributed.all_gather_object) and summarize them once:
+    {"loglikelihoods": summed log-probability of each choice's continuation (nats),
+     "gold": index of the right choice,
+     "bytes": UTF-8 bytes of each continuation as scored (its delimiter, and any spaces split_pair moved
+              from the context, included),
+     "chars": characters of each choice's text (lm-evaluation-harness's acc_norm length)}."""
+    requests, spans = [], []
+    for example in examples:
+        spans.append(len(example.choices))
+        for choice in example.choices:
+            requests.append(encode_pair(tokenizer, example.context, example.delimiter + choice))
+    scores = loglikelihoods(model, requests, batch_size, progress)
+    records, cursor = [], 0
+    for example, n in zip(examples, spans):
+        records.append({
+            "loglikelihoods": [float(ll) for ll, _ in scores[cursor : cursor + n]],
+            "gold": int(example.gold),
+            "bytes": [len(split_pair(example.context, example.delimiter + c)[1].encode("utf-8")) for c in example.choices],
+            "chars": [len(c) for c in example.choices],
+        })
+        cursor += n
+    return records
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima, as numpy's argmax
+
+
+def summarize_choices(records: Sequence[dict]) -> dict:
+    """The metrics of choice_records' records (all of a task's, from one process or gathered from several):
+
+    acc: the choice with the highest summed log-likelihood is the gold one.
+    acc_norm: the same with log-likelihood per character of the choice (lm-evaluation-harness's acc_norm).
+    acc_centered: (acc - random) / (1 - random), random = mean over examples of 1 / number of choices: 0 for
+        chance, 1 for all right, comparable across tasks with different numbers of choices (DCLM's centered
+        accuracy: Li et al. 2024, "DataComp-LM").
+    gold_logprob: mean over examples of the gold continuation's summed log-probability (nats).
+    gold_bpb: bits per byte of the gold continuations, sum of -log-likelihoods / (ln 2 * their UTF-8 bytes).
+    gold_prob: mean over examples of the gold choice's probability among the choices (softmax of the
+        choices' summed log-likelihoods).
+    The three gold_* are continuous: they move before accuracy does, and DataDecide (Magnusson et al. 2025)
+    found such proxies the most predictive of large-scale results from small runs."""
+    n = len(records)
+    correct = correct_norm = 0
+    chance = gold_ll = gold_nll = gold_prob = 0.0
+    gold_bytes = 0
+    for record in records:
+        lls, gold = record["loglikelihoods"], record["gold"]
+        correct += _argmax(lls) == gold
+        correct_norm += _argmax([ll / max(chars, 1) for ll, chars in zip(lls, record["chars"])]) == gold
+        chance += 1 / len(lls)
+        gold_ll += lls[gold]
+        gold_nll -= lls[gold]
+        gold_bytes += record["bytes"][gold]
+        top = max(lls)
+        gold_prob += math.exp(lls[gold] - top) / sum(math.exp(ll - top) for ll in lls)
+    denominator = max(n, 1)
+    acc, random = correct / denominator, chance / denominator
+    return {
+        "acc": acc,
+        "acc_norm": correct_norm / denominator,
+        "acc_centered": (acc - random) / (1 - random) if random < 1 else float("nan"),
+        "gold_logprob": gold_ll / denominator,
+        "gold_bpb": gold_nll / (math.log(2) * gold_bytes) if gold_bytes else float("nan"),
+        "gold_prob": gold_prob / denominator,
+        "examples": n,
+    }
 
 
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16,
                   progress: Progress | None = None) -> dict:
-    """acc: the choice with the highest summed log-likelihood; acc_norm: the highest log-likelihood per
-    character of the choice (lm-evaluation-harness's normalisation)."""
-    requests, owners = [], []
-    for index, example in enumerate(examples):
-        for choice in example.choices:
-            requests.append(encode_pair(tokenizer, example.context, example.delimiter + choice))
-            owners.append(index)
-    scores = loglikelihoods(model, requests, batch_size, progress)
-    correct = correct_norm = 0
-    cursor = 0
-    for example in examples:
-        lls = [scores[cursor + k][0] for k in range(len(example.choices))]
-        cursor += len(example.choices)
-        normed = [ll / len(choice) for ll, choice in zip(lls, example.choices)]
-        correct += max(range(len(lls)), key=lls.__getitem__) == example.gold
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == example.gold
-    n = max(len(examples), 1)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "examples": len(examples)}
+    """All of summarize_choices' metrics for the examples, scored in this process."""
+    return summarize_choices(choice_records(model, tokenizer, examples, batch_size, progress))
 
 
 # --------------------------------------------------------------------------------------------------- open QA

@@ -99,13 +99,13 @@ def test_in_training_hellaswag_equals_run_eval_on_that_steps_checkpoint(tmp_path
     load_script("run_clm.py").main(clm(out, "--save_steps", "2", "--benchmark", f"hellaswag={hellaswag}", f"csqa:mc={csqa}",
                                        "--benchmark_limit", "6"))
     run_eval = load_script("run_eval.py").main
-    for name, task, formulation, data in (("hellaswag", "hellaswag", "rc", hellaswag), ("csqa:mc", "multiple_choice", "mc", csqa)):
+    for name, task, formulation, data in (("hellaswag", "hellaswag", "rc", hellaswag), ("csqa_mc", "multiple_choice", "mc", csqa)):
         at_step = run_eval(["--checkpoint", str(out / "checkpoint-2"), "--task", task, "--formulation", formulation,
                             "--data_file", str(data), "--limit", "6"])[str(out / "checkpoint-2")]
         for metric in ("acc", "acc_norm", "acc_centered", "gold_logprob", "gold_bpb", "gold_prob"):
             assert logged(out, f"eval_{name}_{metric}")[2] == pytest.approx(at_step[metric], rel=1e-6, abs=1e-9), (name, metric)
     info = json.loads((out / "run_info.json").read_text())
-    assert info["benchmarks"]["hellaswag"]["examples"] == 6 and info["benchmarks"]["csqa:mc"]["formulation"] == "mc"
+    assert info["benchmarks"]["hellaswag"]["examples"] == 6 and info["benchmarks"]["csqa_mc"]["formulation"] == "mc"
 
 
 def test_an_offline_wandb_run_holds_the_metrics_group_and_run_name(tmp_path):

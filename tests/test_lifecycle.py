@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 
 import pytest
 
@@ -21,6 +22,7 @@ CLM_TINY = ["--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64",
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
