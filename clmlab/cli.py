@@ -83,7 +83,7 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     # Where the host already set logging up (a notebook, pytest), basicConfig does nothing: the project's own
     # loggers still say what they decide.
-    for name in ("clmlab", "callbacks", "run_clm", "run_sft", "run_prepare", "run_eval", "run_infer"):
+    for name in ("clmlab", "callbacks", "run_clm", "run_sft", "run_prepare", "run_eval", "run_infer", "run_compare", "run_sweep"):
         logging.getLogger(name).setLevel(level)
 
 
