@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     called = [v for v in report["verdicts"] if v["better"]]
     print(f"\n{len(called)} of {len(report['verdicts'])} dataset-vs-dataset verdicts call a difference (95%, paired by seed)")
     for arm in report["null_arm"]:
-        print(f"Null arm {arm['half0']} vs {arm['half1']}: a difference called in {arm['called']} of {arm['metrics']} metrics")
+        print(f"Null arm {arm['half0']} vs {arm['half1']}: a difference called in {arm['called']} of {arm['metrics']} metrics, "
+              f"{len(arm['called_targets'])} of {arm['targets']} eval sets and benchmarks")
     print("\nWrote:")
     print("\n".join(f"  {path}" for path in written))
     return report

@@ -555,8 +555,13 @@ def build_report(runs: Sequence[Run], left_out: Sequence[dict] = (), force: bool
                    "this report's measured false-positive rate (about 5% is expected at 95%, more where metrics move together).")
         if n < 2:
             reading += f" With N = {n} shared seeds no verdict can be called: the null arm measures nothing until it has 2 or more."
+        # The metrics of one eval set or benchmark move together: one effect there is several calls, so the
+        # rate is also given by eval set and benchmark.
+        targets = sorted({m.target for m in metrics})
+        called_targets = sorted({m.target for m, v in zip(metrics, pair) if v["verdict"] != CANT_TELL})
         null_arm.append({"dataset": base, "half0": half0, "half1": half1, "verdicts": pair, "called": called,
-                         "metrics": len(pair), "rate": called / len(pair) if pair else None, "n": n, "reading": reading})
+                         "metrics": len(pair), "rate": called / len(pair) if pair else None, "n": n, "reading": reading,
+                         "targets": len(targets), "called_targets": called_targets})
     return {
         "force": force,
         "controls": {"met": not failed, "checks": [{**asdict(c), "difference": None if c.passed else c.difference()} for c in controls],
@@ -721,7 +726,9 @@ def render_markdown(report: dict) -> str:
     for arm in report["null_arm"]:
         out += [f"## Null arm: {arm['half0']} vs {arm['half1']}", "", arm["reading"], "",
                 f"Its verdicts called a difference in {arm['called']} of {arm['metrics']} metrics "
-                f"({100 * arm['rate']:.0f}%)." if arm["rate"] is not None else "No metric to compare.", ""]
+                f"({100 * arm['rate']:.0f}%): in {len(arm['called_targets'])} of {arm['targets']} eval sets and benchmarks"
+                f"{' (' + ', '.join(arm['called_targets']) + ')' if arm['called_targets'] else ''}."
+                if arm["rate"] is not None else "No metric to compare.", ""]
         out += _table(VERDICT_HEADER, _verdict_rows(arm["verdicts"])) + [""]
     out += ["## Runs", ""]
     keys = [m["key"] for m in metrics]
@@ -752,7 +759,7 @@ def plot_loss_curves(runs: Sequence[Run], eval_set: str, path: Path) -> None:
 
     key = f"eval_{eval_set}_loss"
     entries = [e for r in runs for e in (r.log_history or []) if key in e]
-    x_key = "num_input_tokens_seen" if entries and all(e.get("num_input_tokens_seen") for e in entries) else "step"
+    x_key = "num_input_tokens_seen" if entries and all("num_input_tokens_seen" in e for e in entries) else "step"
     figure, axes = plt.subplots(figsize=(8, 5))
     colours = plt.get_cmap("tab10")
     for i, dataset in enumerate(sorted({r.dataset for r in runs})):
