@@ -68,15 +68,15 @@ def run_command(argv: list[str], log: Path) -> int:
 
 
 def prepare(comparison: sweep.Comparison, datasets: list[str]) -> None:
-    if comparison.shared_tokenizer and not (comparison.tokenizer_folder() / "manifest.json").is_file():
+    if comparison.shared_tokenizer:
         print(f"training the shared {comparison.shared_tokenizer}-token BPE on every dataset -> {comparison.tokenizer_folder()}", flush=True)
         log = comparison.output_dir / "logs" / "prepare-shared-tokenizer.log"
         if run_command([str(HERE / "run_prepare.py"), *sweep.shared_tokenizer_flags(comparison)], log) != 0:
             raise SystemExit(f"training the shared tokenizer failed; see {log}")
+    # run_prepare.py itself returns at once for a folder prepared with the same arguments, and refuses one
+    # prepared with others: an edited comparison file never trains on stale tokens.
     for name in datasets:
         folder = comparison.prepared_folder(name)
-        if (folder / "manifest.json").is_file():
-            continue
         print(f"preparing {name} -> {folder}", flush=True)
         code = run_command([str(HERE / "run_prepare.py"), *sweep.prepare_flags(comparison, name)], comparison.output_dir / "logs" / f"prepare-{name}.log")
         if code != 0:
@@ -88,10 +88,11 @@ def train(comparison: sweep.Comparison, runs: list[sweep.PlannedRun]) -> None:
     for run in runs:
         index = comparison.runs.index(run)
         label = f"[{index + 1}/{total}] {run.dataset} seed {run.seed}"
-        if status(run) == "finished":
-            print(f"{label}: finished before, skipped", flush=True)
-            continue
-        print(f"{label}: {'resuming' if status(run) else 'training'} -> {run.output_dir}", flush=True)
+        # Always run_clm.py: for the same finished run it returns at once, and it refuses a folder that holds a
+        # run made with other arguments (an edited comparison file), so no stale run reaches the report.
+        before = status(run)
+        print(f"{label}: {'resuming' if before in ('stopped', 'failed', 'running') else 'checking' if before else 'training'} -> "
+              f"{run.output_dir}", flush=True)
         started = time.perf_counter()
         log = comparison.output_dir / "logs" / f"{run.output_dir.name}.log"
         code = run_command([str(HERE / "run_clm.py"), *run.argv], log)
@@ -99,6 +100,9 @@ def train(comparison: sweep.Comparison, runs: list[sweep.PlannedRun]) -> None:
             raise SystemExit(f"{label}: {status(run) or 'failed before its first step'} (exit {code}); see {log}. "
                              "Run the same command again to resume.")
         info = json.loads((run.output_dir / "run_info.json").read_text())
+        if before == "finished":
+            print(f"{label}: finished before, nothing to do", flush=True)
+            continue
         print(f"{label}: done in {time.perf_counter() - started:.0f} s, eval loss {info['final_metrics'].get('eval_loss', float('nan')):.4f}",
               flush=True)
 

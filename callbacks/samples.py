@@ -89,18 +89,24 @@ class PretrainingSamplesCallback(TrainerCallback):
         if tokenizer.pad_token_id is None:  # batched generation pads; a copy, so the tokenizer saved with the run stays as it is
             self.tokenizer = copy.deepcopy(tokenizer)
             self.tokenizer.pad_token = tokenizer.eos_token
-        self.records: list[dict] = []
+        self.records: list[dict] | None = None  # read from samples.jsonl when first needed
         self._unwritten = False
         self._sampled_step: int | None = None
 
+    def _load(self, state) -> None:
+        if self.records is None:
+            self.records = [r for r in read_samples(self.path) if r.get("step", 0) <= state.global_step] if state.global_step else []
+
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.records = [r for r in read_samples(self.path) if r.get("step", 0) <= state.global_step] if state.global_step else []
+            self._load(state)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "eval_loss" not in logs or not state.is_world_process_zero or state.global_step == self._sampled_step:
             return
+        self._load(state)  # also where training did not run again (a run resumed at its last step)
         self._sampled_step = state.global_step
+        self.records = [r for r in self.records if r["step"] != state.global_step]
         texts = self._continue(model)
         self.records += [{"step": state.global_step, "tokens_seen": state.num_input_tokens_seen, "prompt": p, "text": t}
                          for p, t in zip(self.prompts, texts)]

@@ -543,10 +543,14 @@ def build_report(runs: Sequence[Run], left_out: Sequence[dict] = (), force: bool
     matrix = {"metric": "eval_<set>_bpb", "unit": "bits per byte, mean over seeds", "rows": datasets, "columns": eval_sets,
               "values": [[means.get((d, f"eval_{s}_bpb")) for s in eval_sets] for d in datasets]}
     main = [d for d in datasets if not is_null_half(d)]
-    verdicts = [compare_datasets(runs, a, b, m) for a, b in itertools.combinations(main, 2) for m in metrics]
+    # On one eval set, bits per byte is the loss times a constant (the same blocks in every run): one test, not
+    # two, so the verdicts (and the null arm's count) take bits per byte alone.
+    with_bpb = {m.target for m in metrics if m.kind == "eval set" and m.measure == "bpb"}
+    judged = [m for m in metrics if not (m.kind == "eval set" and m.measure == "loss" and m.target in with_bpb)]
+    verdicts = [compare_datasets(runs, a, b, m) for a, b in itertools.combinations(main, 2) for m in judged]
     null_arm = []
     for half0, half1 in null_pairs(datasets):
-        pair = [compare_datasets(runs, half0, half1, m) for m in metrics]
+        pair = [compare_datasets(runs, half0, half1, m) for m in judged]
         called = sum(v["verdict"] != CANT_TELL for v in pair)
         n = max((v["n"] for v in pair), default=0)
         base = half0[: -len(NULL_HALVES[0])]
@@ -557,8 +561,8 @@ def build_report(runs: Sequence[Run], left_out: Sequence[dict] = (), force: bool
             reading += f" With N = {n} shared seeds no verdict can be called: the null arm measures nothing until it has 2 or more."
         # The metrics of one eval set or benchmark move together: one effect there is several calls, so the
         # rate is also given by eval set and benchmark.
-        targets = sorted({m.target for m in metrics})
-        called_targets = sorted({m.target for m, v in zip(metrics, pair) if v["verdict"] != CANT_TELL})
+        targets = sorted({m.target for m in judged})
+        called_targets = sorted({m.target for m, v in zip(judged, pair) if v["verdict"] != CANT_TELL})
         null_arm.append({"dataset": base, "half0": half0, "half1": half1, "verdicts": pair, "called": called,
                          "metrics": len(pair), "rate": called / len(pair) if pair else None, "n": n, "reading": reading,
                          "targets": len(targets), "called_targets": called_targets})

@@ -384,6 +384,9 @@ class TrainingRun:
             logger.info(f"{self.resume_from} is the run's last step: saving and evaluating it")
             trainer._load_from_checkpoint(self.resume_from)  # the Trainer's own loading of a checkpoint's weights
             trainer.state = TrainerState.load_from_json(str(Path(self.resume_from) / "trainer_state.json"))
+            # The saved state holds the main process's rank flags; every process has its own.
+            trainer.state.is_world_process_zero = trainer.is_world_process_zero()
+            trainer.state.is_local_process_zero = trainer.is_local_process_zero()
             metrics = {}
         else:
             with self._signals_stop_training():
@@ -452,7 +455,8 @@ class TrainingRun:
         if not self.is_main:
             return
         if self.plan.clear_first:  # the run being replaced: only what was there before this command
-            for name in sorted(self._entries_before):
+            # Not wandb's folder: this run's tracker already writes in it, beside the old run's (its own folder).
+            for name in sorted(self._entries_before - {"wandb"}):
                 _remove(self.out / name)
         write_json(self.out / ARGS_FILE, self.resolved)
         write_json(self.out / INFO_FILE, self._info)

@@ -20,6 +20,8 @@ report can be the last job.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -71,18 +73,29 @@ class Comparison:
         return self.output_dir / "report"
 
 
+NAMED_LISTS = {"eval_files", "benchmark"}  # flags whose values are name=PATH items
+
+
 def _flags(values: dict) -> list[str]:
     argv = []
     for key, value in values.items():
         if value is None:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in NAMED_LISTS:
             argv += [f"--{key}", *(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, dict):  # a mapping flag (lr_scheduler_kwargs, ...): JSON, as run_clm.py's YAML files give it
+            argv += [f"--{key}", json.dumps(value)]
         elif isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
         else:
             argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
+
+
+def data_argument_flags() -> set[str]:
+    from clmlab.args import DataArguments
+
+    return {f.name for f in fields(DataArguments) if f.init}
 
 
 def run_clm_flags() -> set[str]:
@@ -116,10 +129,16 @@ def load_comparison(path: str | Path, null_arm: str | None = None) -> Comparison
     shared, datasets = spec.get("run") or {}, spec["datasets"]
     if not isinstance(shared, dict) or not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
         raise UsageError(f"comparison file {path}: 'run' is a mapping of run_clm.py flags, 'datasets' a mapping of name -> data flags")
-    known = run_clm_flags()
+    known, data_flags = run_clm_flags(), data_argument_flags()
     for where, flags in [("run", shared), *((f"datasets.{name}", values) for name, values in datasets.items())]:
         if set(flags) - known:
             raise UsageError(f"comparison file {path}: {where} has keys run_clm.py does not know: {sorted(set(flags) - known)}")
+        if where != "run" and set(flags) - data_flags:
+            raise UsageError(f"comparison file {path}: {where} sets {sorted(set(flags) - data_flags)}, which are not data flags: "
+                             "runs on different datasets differ in their data only; put them under run")
+        for key in ("train_files", "validation_files"):
+            if key in flags and not (isinstance(flags[key], list) and all(isinstance(f, str) for f in flags[key])):
+                raise UsageError(f"comparison file {path}: {where}.{key} is a list of paths, e.g. [data/a.txt]")
         if set(flags) & OWN_FLAGS:
             raise UsageError(f"comparison file {path}: {where} sets {sorted(set(flags) & OWN_FLAGS)}, which the comparison sets "
                              "for each run; give them at the top level (seeds, eval_sets, benchmarks, ...) or drop them")
@@ -142,6 +161,19 @@ def load_comparison(path: str | Path, null_arm: str | None = None) -> Comparison
     if not (shared.get("tokenizer_name") or shared.get("model_name_or_path")):
         raise UsageError(f"comparison file {path}: set run.tokenizer_name or shared_tokenizer: runs on different data compare only "
                          "with one tokenizer (a BPE trained on each dataset would differ between them)")
+    for key in ("eval_sets", "benchmarks"):
+        value = spec.get(key) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise UsageError(f"comparison file {path}: {key} is a mapping of name -> path, e.g. {{hellaswag: data/hellaswag.jsonl}}")
+        missing = [f"{name}={where}" for name, where in value.items() if not os.path.exists(where)]
+        if missing:
+            raise UsageError(f"comparison file {path}: {key} {missing[0]}: no such file or folder")
+    prompts = spec.get("sample_prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(f"comparison file {path}: sample_prompts is a list of strings, e.g. [\"Once upon a time\"]")
+    limit = spec.get("benchmark_limit")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1):
+        raise UsageError(f"comparison file {path}: benchmark_limit is a whole number of examples, 1 or more")
     null_arm = null_arm or spec.get("null_arm")
     if null_arm and null_arm not in datasets:
         raise UsageError(f"null arm {null_arm!r} is not one of the datasets {sorted(datasets)}")

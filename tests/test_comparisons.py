@@ -187,12 +187,44 @@ null_arm: stories
     # One tokenizer, and the same initial weights for one seed on every dataset; every model on every held-out split.
     assert len({i["model"]["tokenizer_sha256"] for i in infos.values()}) == 1
     assert len({i["model"]["initial_weights_sha256"] for n, i in infos.items() if n.endswith("seed0")}) == 1
-    assert all(set(i["eval_sets"]) == {"shakespeare", "stories"} for i in infos.values())
+    for name, info in infos.items():
+        # A half's own split is its own set ("validation"), unless its first blocks happen to be the corpus's.
+        assert set(info["eval_sets"]) - {"validation"} == {"shakespeare", "stories"} and ("~" in name or "validation" not in info["eval_sets"])
     assert infos["stories-seed0"]["eval_sets"]["stories"]["sha256"] == infos["shakespeare-seed1"]["eval_sets"]["stories"]["sha256"]
     assert infos["stories~half0-seed0"]["data"]["train"]["documents"] + infos["stories~half1-seed0"]["data"]["train"]["documents"] \
         == infos["stories-seed0"]["data"]["train"]["documents"]
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report  # the report's own contents are tested in test_compare.py
-    assert (out / "report" / "report.md").is_file()
+    assert all(check["passed"] for check in report["controls"]["checks"])
+    # The report's figures are the runs' own: each table's per-seed values are run_info's final metrics.
+    for key, rows in report["tables"].items():
+        for row in rows:
+            assert row["values"] == {str(seed): infos[f"{row['dataset']}-seed{seed}"]["final_metrics"][key] for seed in (0, 1)}, key
+    assert report["matrix"]["columns"] == ["shakespeare", "stories"] and all(None not in r for r in report["matrix"]["values"])
+    assert [(arm["half0"], arm["half1"]) for arm in report["null_arm"]] == [("stories~half0", "stories~half1")]
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "matrix.png").is_file()
     again = run_script("run_sweep.py", comparison)
-    assert again.stdout.count("finished before, skipped") == 8
+    assert again.stdout.count("finished before, nothing to do") == 8
+
+
+def test_two_processes_score_the_benchmark_as_one_does(tmp_path):
+    """Each process scores its share of the examples; merged in order, the figures are the one-process run's."""
+    common = [*clm(tmp_path / "x", "--benchmark", f"hellaswag={shared('hellaswag/hellaswag_val.jsonl')}", "--benchmark_limit", "7",
+                   "--per_device_train_batch_size", "2", "--global_batch_size", "4")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("run_clm.py", *common, "--output_dir", one)
+    run_script("run_clm.py", *common, "--output_dir", two, ranks=2)
+    for metric in ("acc", "acc_norm", "gold_logprob", "gold_bpb", "gold_prob"):
+        a, b = logged(one, f"eval_hellaswag_{metric}"), logged(two, f"eval_hellaswag_{metric}")
+        assert sorted(a) == sorted(b) == [0, 2, 4]
+        assert a[0] == pytest.approx(b[0], rel=1e-6)  # the same weights: the same figures, batched otherwise
+        if metric != "acc":  # later steps: the same training up to float rounding; a discrete accuracy could flip
+            assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (metric, a, b)
+
+
+def test_evaluation_sets_and_how_often_they_run_leave_training_unchanged(tmp_path):
+    """Each evaluation dataloader draws from torch's generator, the one dropout uses on CPU: it is put back."""
+    main = load_script("run_clm.py").main
+    main(clm(tmp_path / "plain", "--eval_steps", "3"))
+    main(clm(tmp_path / "evaluated", "--eval_steps", "1", "--eval_files", f"wiki={shared('wikitext2/test.txt')}",
+             f"stories={shared('tinystories/tinystories_v1_valid_sample.txt')}"))
+    assert logged(tmp_path / "evaluated", "loss") == logged(tmp_path / "plain", "loss")
