@@ -216,9 +216,9 @@ def test_two_processes_score_the_benchmark_as_one_does(tmp_path):
     for metric in ("acc", "acc_norm", "gold_logprob", "gold_bpb", "gold_prob"):
         a, b = logged(one, f"eval_hellaswag_{metric}"), logged(two, f"eval_hellaswag_{metric}")
         assert sorted(a) == sorted(b) == [0, 2, 4]
-        assert a[0] == pytest.approx(b[0], rel=1e-6)  # the same weights: the same figures, batched otherwise
-        if metric != "acc":  # later steps: the same training up to float rounding; a discrete accuracy could flip
-            assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (metric, a, b)
+        # Before the first step both score the same weights: the merged shards are the one-process figures (batched
+        # otherwise, so equal up to float rounding). After it, dropout draws differ by process and so do the weights.
+        assert a[0] == pytest.approx(b[0], rel=1e-6), (metric, a, b)
 
 
 def test_evaluation_sets_and_how_often_they_run_leave_training_unchanged(tmp_path):
