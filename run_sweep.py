@@ -96,6 +96,9 @@ def train(comparison: sweep.Comparison, runs: list[sweep.PlannedRun]) -> None:
         started = time.perf_counter()
         log = comparison.output_dir / "logs" / f"{run.output_dir.name}.log"
         code = run_command([str(HERE / "run_clm.py"), *run.argv], log)
+        if code == 2:  # bad input: run_clm.py's one line is the last of the log
+            lines = log.read_text().strip().splitlines()
+            raise SystemExit(f"{label}: refused by run_clm.py: {lines[-1] if lines else '(no output)'}")
         if code != 0 or status(run) != "finished":
             raise SystemExit(f"{label}: {status(run) or 'failed before its first step'} (exit {code}); see {log}. "
                              "Run the same command again to resume.")

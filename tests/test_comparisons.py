@@ -204,6 +204,10 @@ null_arm: stories
     assert (out / "report" / "report.md").is_file() and (out / "report" / "matrix.png").is_file()
     again = run_script("run_sweep.py", comparison)
     assert again.stdout.count("finished before, nothing to do") == 8
+    # An edited comparison file never reports the runs made with the old one.
+    comparison.write_text(comparison.read_text().replace("max_steps: 4", "max_steps: 5"))
+    edited = run_script("run_sweep.py", comparison, check=False)
+    assert edited.returncode == 1 and "refused by run_clm.py" in edited.stderr and "holds a different run" in edited.stderr, edited.stderr[-2000:]
 
 
 def test_two_processes_score_the_benchmark_as_one_does(tmp_path):
