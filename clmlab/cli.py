@@ -105,22 +105,19 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset(), lists: set[str] = frozenset()) -> list[str]:
-    """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one. A
-    mapping given to a flag that takes several values (`lists`) becomes its `name=value` items."""
+def read_yaml(path: str | Path, what: str = "config file"):
+    """A YAML file read with YAML 1.2 booleans; a missing or malformed file is one line."""
     try:
-        config = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
+        return yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
     except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
+        raise UsageError(f"{what} {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"config file {path} is not valid YAML ({first_line(error)})") from None
-    if config is None:
-        return []
-    if not isinstance(config, dict):
-        raise UsageError(f"config file {path} must be a mapping of argument names to values")
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise UsageError(f"config file {path} has unknown keys {unknown}; the keys are the script's flags without '--'")
+        raise UsageError(f"{what} {path} is not valid YAML ({first_line(error)})") from None
+
+
+def mapping_to_argv(config: dict, drop: set[str] = frozenset(), lists: set[str] = frozenset()) -> list[str]:
+    """Flags for a mapping of flag names to values: a list gives several values, a mapping given to a flag that
+    takes several values (`lists`) its `name=value` items, any other mapping its JSON."""
     argv: list[str] = []
     for key, value in config.items():
         if value is None or key in drop:
@@ -134,6 +131,19 @@ def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset()
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def yaml_to_argv(path: str | Path, known: set[str], drop: set[str] = frozenset(), lists: set[str] = frozenset()) -> list[str]:
+    """Turn a YAML mapping into command-line flags, so a YAML file mirrors the command line one to one."""
+    config = read_yaml(path)
+    if config is None:
+        return []
+    if not isinstance(config, dict):
+        raise UsageError(f"config file {path} must be a mapping of argument names to values")
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UsageError(f"config file {path} has unknown keys {unknown}; the keys are the script's flags without '--'")
+    return mapping_to_argv(config, drop, lists)
 
 
 def parse_args(

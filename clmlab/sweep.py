@@ -20,12 +20,11 @@ report can be the last job.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from clmlab.cli import UsageError, _Yaml12Loader
+from clmlab.cli import UsageError, mapping_to_argv, read_yaml
 
 NULL_HALVES = ("~half0", "~half1")  # a null arm's two datasets: <dataset>~half0 and <dataset>~half1
 KEYS = {"comparison", "output_dir", "seeds", "run", "datasets", "eval_sets", "benchmarks", "benchmark_limit", "sample_prompts", "null_arm",
@@ -77,19 +76,7 @@ NAMED_LISTS = {"eval_files", "benchmark"}  # flags whose values are name=PATH it
 
 
 def _flags(values: dict) -> list[str]:
-    argv = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and key in NAMED_LISTS:
-            argv += [f"--{key}", *(f"{k}={v}" for k, v in value.items())]
-        elif isinstance(value, dict):  # a mapping flag (lr_scheduler_kwargs, ...): JSON, as run_clm.py's YAML files give it
-            argv += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        else:
-            argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
+    return mapping_to_argv(values, lists=NAMED_LISTS)
 
 
 def data_argument_flags() -> set[str]:
@@ -107,14 +94,7 @@ def run_clm_flags() -> set[str]:
 def load_comparison(path: str | Path, null_arm: str | None = None) -> Comparison:
     """Read and check a comparison file; paths in it are read relative to the directory it is run from, as
     run_clm.py's YAML files are."""
-    import yaml
-
-    try:
-        spec = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
-    except FileNotFoundError:
-        raise UsageError(f"comparison file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"comparison file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    spec = read_yaml(path, "comparison file")
     if not isinstance(spec, dict):
         raise UsageError(f"comparison file {path} must be a mapping with keys {sorted(KEYS)}")
     unknown = sorted(set(spec) - KEYS)
