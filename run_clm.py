@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import Trainer, default_data_collator
 
-from callbacks import (BenchmarkCallback, EvalSetsCallback, LossPlotCallback, PerplexityCallback, PretrainingSamplesCallback,
-                       ThroughputCallback, add_log_callbacks)
+from callbacks import (BenchmarkCallback, CompleteCheckpointsCallback, EvalSetsCallback, LossPlotCallback, PerplexityCallback,
+                       PreemptionCallback, PretrainingSamplesCallback, ThroughputCallback, add_log_callbacks)
 from callbacks.benchmarks import load_benchmark
 from callbacks.loss_plot import PLOT_FILE
 from clmlab import data, eval_sets, modeling, prepare, prepared, run, trackers
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = modeling.build_config(model_args)
     block_size = data_args.block_size or min(modeling.context_length(config) or 1024, 1024)
     modeling.check_shape(config, block_size)
-    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, evals, args))
+    resolved = run.resolved_arguments(model_args, data_args, evals, args)  # before the callbacks below take over any flag
+    training = run.TrainingRun(args, resolved, PreemptionCallback(), CompleteCheckpointsCallback(args))
     if training.finished:
         return training.finished["final_metrics"]
 

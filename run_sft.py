@@ -14,7 +14,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import IntervalStrategy
 
-from callbacks import LossPlotCallback, PerplexityCallback, SamplesCallback, ThroughputCallback, add_log_callbacks
+from callbacks import (CompleteCheckpointsCallback, LossPlotCallback, PerplexityCallback, PreemptionCallback, SamplesCallback,
+                       ThroughputCallback, add_log_callbacks)
 from clmlab import checkpoints, data, modeling, run, sft
 from clmlab.args import SftDataArguments, SftModelArguments, SftTrainingArguments
 from clmlab.cli import exits_on_usage_error, parse_args, setup_logging
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     style = STYLES[fmt.style]
     columns = sft.column_names(data_args)
     model_dir, tokenizer_dir = checkpoints.locate_model(model_args.model_name_or_path)
-    training = run.TrainingRun(args, run.resolved_arguments(model_args, data_args, args))
+    resolved = run.resolved_arguments(model_args, data_args, args)  # before the callbacks below take over any flag
+    training = run.TrainingRun(args, resolved, PreemptionCallback(), CompleteCheckpointsCallback(args))
     if training.finished:
         return training.finished["final_metrics"]
 

@@ -1,14 +1,16 @@
 """TrainerCallbacks shared by the clmlab scripts."""
 
 from callbacks.benchmarks import BenchmarkCallback
+from callbacks.checkpoints import CompleteCheckpointsCallback
 from callbacks.eval_sets import EvalSetsCallback
 from callbacks.loss_plot import LossPlotCallback
 from callbacks.perplexity import PerplexityCallback
+from callbacks.preemption import PreemptionCallback
 from callbacks.samples import PretrainingSamplesCallback, SamplesCallback
 from callbacks.throughput import ThroughputCallback
 
-__all__ = ["BenchmarkCallback", "EvalSetsCallback", "LossPlotCallback", "PerplexityCallback", "PretrainingSamplesCallback",
-           "SamplesCallback", "ThroughputCallback", "add_log_callbacks"]
+__all__ = ["BenchmarkCallback", "CompleteCheckpointsCallback", "EvalSetsCallback", "LossPlotCallback", "PerplexityCallback",
+           "PreemptionCallback", "PretrainingSamplesCallback", "SamplesCallback", "ThroughputCallback", "add_log_callbacks"]
 
 
 def add_log_callbacks(trainer, *log_callbacks) -> None:

@@ -299,6 +299,10 @@ class RunTrainingArguments(TrainingArguments):
             require(value is None or value > 0, flag, value, "must be positive (a fraction below 1 is a share of the run)")
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be 1 or more")
         require(self.seed >= 0, "seed", self.seed, "must be 0 or more")
+        if getattr(self, "enable_jit_checkpoint", False):
+            raise UsageError("--enable_jit_checkpoint is the Trainer's own SIGTERM checkpoint, which lets each process stop at a step "
+                             "of its own; clmlab already stops on SIGTERM and SIGUSR1 after a step every process agrees on, with a "
+                             "checkpoint: drop the flag")
         require(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers, "must be 0 or more")
         require(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "must be 1 or more")
         if self.global_batch_size and self.gradient_accumulation_steps != 1:

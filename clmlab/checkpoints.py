@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clmlab.cli import UsageError, first_line
 
+ARGS_FILE = "run_args.json"  # a clmlab run's folder holds one
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last, once every process has saved
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,36 @@ def read_json(path: Path) -> dict | None:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last, so a checkpoint cut short by preemption has none, or half
-    of one."""
-    return read_json(path / "trainer_state.json") is not None
+    """A checkpoint resume may take. In a clmlab run's folder that is one with a completion marker whose files
+    are all there at their sizes: the Trainer writes a checkpoint in place, rank by rank, and a process killed
+    during the save leaves a folder that looks whole to any one file. A checkpoint of a plain Trainer run (no
+    run_args.json beside it) has no marker; there, a readable trainer_state.json (written last by the main
+    process) is the best sign there is."""
+    path = Path(path)
+    if read_json(path / "trainer_state.json") is None:
+        return False
+    marker = read_json(path / COMPLETE_MARKER)
+    if marker is None:
+        return not (path.parent / ARGS_FILE).is_file()
+    try:
+        return all((path / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, KeyError, AttributeError, TypeError):
+        return False
+
+
+def mark_complete(path: str | Path, step: int, world_size: int) -> None:
+    """Write the completion marker, listing every file of the checkpoint with its size, through a temporary
+    file and a rename: the marker is either absent or whole. Called once every process has finished saving."""
+    path = Path(path)
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file() and f.name != COMPLETE_MARKER}
+    tmp = path / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1) + "\n")
+    os.replace(tmp, path / COMPLETE_MARKER)
+
+
+def unmark(path: str | Path) -> None:
+    """Take the marker away first, so a checkpoint half deleted never counts as complete."""
+    (Path(path) / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
@@ -45,13 +75,19 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(read_json(Path(checkpoint) / "trainer_state.json")["global_step"])
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    steps = []
+def checkpoints_by_step(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every checkpoint-N folder of a run, complete or not, oldest first."""
+    found = []
     for path in Path(output_dir).glob("checkpoint-*"):
         suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and is_complete_checkpoint(path):
-            steps.append((int(suffix), str(path)))
-    return max(steps)[1] if steps else None
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    complete = [path for _, path in checkpoints_by_step(output_dir) if is_complete_checkpoint(path)]
+    return str(complete[-1]) if complete else None
 
 
 def _has_model(folder: Path) -> bool:

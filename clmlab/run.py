@@ -4,7 +4,6 @@ failed). Also the token budget and the run records."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -23,11 +22,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import TrainerState
 
-from clmlab.checkpoints import checkpoint_step, is_complete_checkpoint, last_complete_checkpoint, read_json
+from clmlab.checkpoints import ARGS_FILE, checkpoint_step, checkpoints_by_step, is_complete_checkpoint, last_complete_checkpoint, read_json
 from clmlab import modeling, trackers
 from clmlab.cli import UsageError, first_line, on_failure
 
-ARGS_FILE = "run_args.json"
 INFO_FILE = "run_info.json"
 logger = logging.getLogger(__name__)
 # Arguments that change where a run writes or how it reports, not what it computes: a re-run that differs
@@ -96,7 +94,8 @@ def plan_output_dir(output_dir: str, resolved: dict, resume_from_checkpoint: str
         if (Path(explicit) / ARGS_FILE).is_file():
             raise UsageError(f"--resume_from_checkpoint {explicit} is a run's folder, not a checkpoint; give one of its checkpoint-N folders")
         if not is_complete_checkpoint(Path(explicit)):
-            raise UsageError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint (no readable trainer_state.json)")
+            raise UsageError(f"--resume_from_checkpoint {explicit} is not a complete checkpoint (its save was cut short: no completion marker, a file missing "
+                             "or of another size than marked, or no readable trainer_state.json); give an earlier checkpoint")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; give a folder")
@@ -210,37 +209,6 @@ def command_line() -> str:
 # --------------------------------------------------------------------------------------------------- the lifecycle
 
 
-class StopRequest(TrainerCallback):
-    """Ends training after the current optimizer step, with a checkpoint, once `request` is called (a
-    signal, a preemption warning, a time limit): the run is then `stopped`, and the same command resumes it.
-
-    With several processes, a request made in any one of them stops all of them after the same step: the
-    flag is reduced across processes at every step end (one scalar), since signals reach the processes at
-    different moments, or only one of them.
-    """
-
-    def __init__(self):
-        self.reason: str | None = None
-        self.saved_step: int | None = None  # the step the Trainer last saved a checkpoint at, the same on every rank
-
-    def request(self, reason: str) -> None:
-        self.reason = reason
-
-    def on_step_end(self, args, state, control, **kwargs):
-        asked = self.reason is not None
-        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(asked)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not asked:
-                self.reason, asked = "another process was asked to stop", True
-        if asked:
-            control.should_training_stop = True
-            control.should_save = True
-
-    def on_save(self, args, state, control, **kwargs):
-        self.saved_step = state.global_step
-
-
 class _AtFirstStep(TrainerCallback):
     """Calls `action` once, at the end of this process's first optimizer step (before that step's
     checkpoint, if any, is saved), or at its beginning (after its batches are fetched)."""
@@ -286,13 +254,16 @@ class TrainingRun:
     after it is recorded as `failed` and the same command resumes from the last complete checkpoint.
     """
 
-    def __init__(self, args, resolved: dict):
+    def __init__(self, args, resolved: dict, stop, checkpoints):
+        """`stop` ends training on purpose (callbacks.PreemptionCallback: signals, a stop asked of any process);
+        `checkpoints` marks each checkpoint complete once every process has saved it, and rotates them
+        (callbacks.CompleteCheckpointsCallback)."""
         self.args, self.resolved = args, resolved
         self.started = time.time()
         self.out = Path(args.output_dir)
         self.plan = plan_output_dir(args.output_dir, resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
         self.finished, self.resume_from = self.plan.finished, self.plan.resume_from
-        self.stop = StopRequest()
+        self.stop, self.checkpoints = stop, checkpoints
         self.training_started = False
         self._trainer = None
         self._extra_callbacks: list[TrainerCallback] = []
@@ -365,6 +336,7 @@ class TrainingRun:
             self._info["attempts"] = self._attempts
         trainer.callback_handler.callbacks.insert(0, _AtFirstStep(self._begin_records))
         trainer.add_callback(self.stop)
+        trainer.add_callback(self.checkpoints)
         for callback in self._extra_callbacks:
             trainer.callback_handler.callbacks.insert(0, callback)  # ahead of the reporters, as values they report
         if self._restore_rng_at_first_step:
@@ -389,7 +361,7 @@ class TrainingRun:
             trainer.state.is_local_process_zero = trainer.is_local_process_zero()
             metrics = {}
         else:
-            with self._signals_stop_training():
+            with self.stop.catch_signals():
                 metrics = trainer.train(resume_from_checkpoint=self.resume_from).metrics
         state = trainer.state
         if state.global_step < state.max_steps:
@@ -409,44 +381,20 @@ class TrainingRun:
                 print(line)
         return metrics
 
-    @contextlib.contextmanager
-    def _signals_stop_training(self):
-        """SIGTERM and SIGUSR1 (what schedulers send before a time limit or preemption) and a first Ctrl-C
-        stop the run after the current step, with a checkpoint; a second Ctrl-C aborts at once."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-            yield
-            return
-
-        def stop(signum, frame):
-            name = signal.Signals(signum).name
-            if signum == signal.SIGINT:
-                if self.stop.reason is not None:
-                    raise KeyboardInterrupt
-                print(f"\n{name}: stopping after this step with a checkpoint; press Ctrl-C again to abort", file=sys.stderr, flush=True)
-            self.stop.request(f"{name} received")
-
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
     def _stopped(self, trainer) -> dict:
         step = trainer.state.global_step
         checkpoint = self.out / f"checkpoint-{step}"
         if self.stop.saved_step != step:  # decided from state every rank shares, never from files one rank sees
             # The Trainer has no public call that writes a resumable checkpoint (optimizer, scheduler and RNG
-            # states); a callback that ended training without asking for a save still gets one.
+            # states); a callback that ended training without asking for a save still gets one, marked complete
+            # and rotated as the Trainer's own saves are (its on_save event).
             trainer._save_checkpoint(trainer.model, trial=None)
-        reason = self.stop.reason or "a callback ended training early"
-        self._record(status="stopped", stopped={"step": step, "max_steps": trainer.state.max_steps, "reason": reason,
+            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+        stopped = self.stop.record()
+        self._record(status="stopped", stopped={"step": step, "max_steps": trainer.state.max_steps, **stopped,
                                                 "checkpoint": str(checkpoint)})
         if self.is_main:
-            print(f"\nStopped at step {step:,} of {trainer.state.max_steps:,} ({reason}): checkpoint {checkpoint}. "
+            print(f"\nStopped at step {step:,} of {trainer.state.max_steps:,} ({stopped['reason']}): checkpoint {checkpoint}. "
                   "Run the same command again to continue.")
         return {}
 
@@ -454,6 +402,12 @@ class TrainingRun:
         self.training_started = True
         if not self.is_main:
             return
+        # A save cut short (no marker) beyond the checkpoint resumed from: this run saves those steps again.
+        resumed_at = checkpoint_step(self.resume_from) if self.resume_from and not self.plan.clear_first else 0
+        for step, path in checkpoints_by_step(self.out):
+            if step > resumed_at and not is_complete_checkpoint(path):
+                logger.info(f"removing {path}: its save was cut short")
+                _remove(path)
         if self.plan.clear_first:  # the run being replaced: only what was there before this command
             # Not wandb's folder: this run's tracker already writes in it, beside the old run's (its own folder).
             for name in sorted(self._entries_before - {"wandb"}):

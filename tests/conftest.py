@@ -75,13 +75,13 @@ def logged(output_dir: Path, key: str) -> dict[int, float]:
 
 def stop_at_step(monkeypatch, step: int, reason: str = "test: stop requested") -> None:
     """Have every run's stop request made during `step`, as a preemption handler would make it."""
-    from clmlab import run
+    from callbacks.preemption import PreemptionCallback
 
-    original = run.StopRequest.on_step_end
+    original = PreemptionCallback.on_step_end
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == step:
             self.request(reason)
         return original(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(run.StopRequest, "on_step_end", on_step_end)
+    monkeypatch.setattr(PreemptionCallback, "on_step_end", on_step_end)

@@ -64,7 +64,8 @@ def test_a_stopped_run_keeps_a_checkpoint_and_the_same_command_finishes_it(tmp_p
     assert main(SCRIPTS[script](out)) == {}
     record = info(out)
     assert record["status"] == "stopped" and record["step"] == 3
-    assert record["stopped"] == {"step": 3, "max_steps": 6, "reason": "test: stop requested at step 3", "checkpoint": str(out / "checkpoint-3")}
+    assert record["stopped"] == {"step": 3, "max_steps": 6, "reason": "test: stop requested at step 3", "signal": None,
+                                 "checkpoint": str(out / "checkpoint-3")}
     assert (out / "checkpoint-3" / "trainer_state.json").is_file() and (out / "checkpoint-3" / "optimizer.pt").is_file()
     assert not (out / "model.safetensors").exists() and "final_metrics" not in record  # no final model, no final evaluation
     assert not (out / "trainer_state.json").exists()
@@ -233,32 +234,88 @@ def test_a_signal_stops_the_run_after_the_step_with_a_checkpoint(tmp_path, monke
     load_script("run_clm.py").main(clm_args(out, 5))
     record = info(out)
     assert record["status"] == "stopped" and record["stopped"]["step"] == 2 and record["stopped"]["reason"] == "SIGUSR1 received"
-    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert record["stopped"]["signal"] == "SIGUSR1"
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    assert not (out / "model.safetensors").exists() and "final_metrics" not in record  # no final save, no final evaluation
     assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are the caller's again
+    # The requeued job: the same command resumes, and trains what the uninterrupted run trains.
+    monkeypatch.undo()
+    load_script("run_clm.py").main(clm_args(out, 5))
+    load_script("run_clm.py").main(clm_args(tmp_path / "whole", 5))
+    assert info(out)["status"] == "finished" and info(out)["resumed_from"] == str(out / "checkpoint-2")
+    assert logged(out, "loss") == logged(tmp_path / "whole", "loss") and len(logged(out, "loss")) == 5
 
 
-STOP_ON_ONE_RANK = """
-import runpy, sys
-from clmlab import run
-original = run.StopRequest.on_step_end
-def on_step_end(self, args, state, control, **kwargs):
-    if state.global_step == 2 and args.process_index == 1:
-        self.request("stop requested on rank 1 only")
+SIGNAL_TO_RANK_1 = """
+import os, runpy, signal, sys
+from callbacks.throughput import ThroughputCallback
+original = ThroughputCallback.on_step_begin
+def on_step_begin(self, args, state, control, **kwargs):
+    if state.global_step == 1 and args.process_index == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)  # a signal that reaches one process only
     return original(self, args, state, control, **kwargs)
-run.StopRequest.on_step_end = on_step_end
+ThroughputCallback.on_step_begin = on_step_begin
 sys.argv = ["run_clm.py", *sys.argv[1:]]
 runpy.run_path("{script}", run_name="__main__")
 """
 
 
-def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     from conftest import run_script
 
-    wrapper = tmp_path / "stop_on_rank_1.py"
-    wrapper.write_text(STOP_ON_ONE_RANK.replace("{script}", str(REPO / "run_clm.py")))
+    wrapper = tmp_path / "signal_to_rank_1.py"
+    wrapper.write_text(SIGNAL_TO_RANK_1.replace("{script}", str(REPO / "run_clm.py")))
     out = tmp_path / "ddp"
     run_script(str(wrapper), *clm_args(out, 5, "--eval_on_start", "false"), ranks=2)
     record = info(out)
     assert record["status"] == "stopped" and record["stopped"]["step"] == 2
-    assert record["stopped"]["reason"] == "another process was asked to stop"  # rank 0 writes the record
+    # Rank 0 writes the record: it learnt of the signal from the reduction.
+    assert record["stopped"]["reason"] == "SIGUSR1 received by another process" and record["stopped"]["signal"] == "SIGUSR1"
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file() and not (out / "model.safetensors").exists()
     assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+KILLED_IN_A_SAVE = """
+import os, runpy, signal, sys
+from transformers import Trainer
+import callbacks.checkpoints
+moment = sys.argv.pop(1)
+
+def killed(original, step_of):
+    def call(*args, **kwargs):
+        if step_of(*args) == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a node lost or an out-of-memory kill: no handler runs
+        return original(*args, **kwargs)
+    return call
+
+if moment == "model_written":  # the model is saved, the optimizer, RNG and trainer state are not
+    Trainer._save_optimizer_and_scheduler = killed(Trainer._save_optimizer_and_scheduler, lambda self, out: self.state.global_step)
+else:  # the Trainer has written everything, trainer_state.json last; the marker is not written yet
+    callbacks.checkpoints.mark_complete = killed(callbacks.checkpoints.mark_complete, lambda path, step, world: step)
+sys.argv = ["run_clm.py", *sys.argv[1:]]
+runpy.run_path("{script}", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("moment", ["model_written", "trainer_state_written"])
+def test_a_process_killed_inside_a_save_leaves_no_checkpoint_resume_would_take(tmp_path, moment):
+    from conftest import run_script
+
+    wrapper = tmp_path / "killed_in_a_save.py"
+    wrapper.write_text(KILLED_IN_A_SAVE.replace("{script}", str(REPO / "run_clm.py")))
+    out = tmp_path / "killed"
+    command = clm_args(out, 6, "--save_steps", 2, "--save_total_limit", 1, "--eval_on_start", "false")
+    assert run_script(str(wrapper), moment, *command, check=False).returncode == -9
+    assert info(out)["status"] == "running"  # killed: no handler recorded anything
+    assert not (out / "checkpoint-4" / "checkpoint_complete.json").exists()
+    # Rotation deleted nothing before every process had saved: checkpoint-2 is still whole.
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    from clmlab.checkpoints import last_complete_checkpoint
+
+    assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+    run_script("run_clm.py", *command)  # the same command again, as a requeued job runs it
+    record = info(out)
+    assert record["status"] == "finished" and record["resumed_from"] == str(out / "checkpoint-2")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # --save_total_limit 1, after the marker
+    run_script("run_clm.py", *clm_args(tmp_path / "whole", 6, "--save_steps", 2, "--eval_on_start", "false"))
+    assert logged(out, "loss") == logged(tmp_path / "whole", "loss")

@@ -273,6 +273,7 @@ BAD_INPUTS = {
     "vocab_size not a number": (["--config_overrides", "vocab_size=lots"], "give a whole number of embedding rows"),
     "resume from a run folder": (["--resume_from_checkpoint", "{finished_run}"], "is a run's folder, not a checkpoint"),
     "output_dir under a file": (["--output_dir", "{shakespeare}/x"], "is not a folder this user can write to"),
+    "the Trainer's own signal checkpoint": (["--enable_jit_checkpoint", "true"], "a step every process agrees on"),
 }
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from clmlab.checkpoints import is_complete_checkpoint, last_complete_checkpoint, mark_complete
 from clmlab.args import ClmTrainingArguments, DataArguments, ModelArguments
 from clmlab.cli import UsageError, parse_args
 from clmlab.run import ARGS_FILE, INFO_FILE, plan_output_dir, resolved_arguments, steps_for_token_budget, tokens_per_step
@@ -62,10 +63,12 @@ def _resolved(**training):
     return resolved_arguments(ModelArguments(), DataArguments(), ClmTrainingArguments(**training))
 
 
-def _make_checkpoint(out, step, complete=True):
+def _make_checkpoint(out, step, complete=True, marked=True):
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "trainer_state.json").write_text('{"global_step": %d}' % step if complete else '{"global_st')
+    if marked:
+        mark_complete(path, step, world_size=1)
     return path
 
 
@@ -75,10 +78,49 @@ def test_same_run_resumes_from_last_complete_checkpoint(tmp_path):
     _make_checkpoint(tmp_path, 10)
     _make_checkpoint(tmp_path, 20)
     _make_checkpoint(tmp_path, 30, complete=False)  # preempted while writing trainer_state.json
+    _make_checkpoint(tmp_path, 40, marked=False)  # preempted before every process had saved: whole to the eye, no marker
     assert plan_output_dir(str(tmp_path), resolved, "auto", False).resume_from == str(tmp_path / "checkpoint-20")
     assert plan_output_dir(str(tmp_path), resolved, "no", False).resume_from is None
-    with pytest.raises(UsageError, match="not a complete checkpoint"):
-        plan_output_dir(str(tmp_path), resolved, str(tmp_path / "checkpoint-30"), False)
+    for cut_short in (30, 40):
+        with pytest.raises(UsageError, match="not a complete checkpoint"):
+            plan_output_dir(str(tmp_path), resolved, str(tmp_path / f"checkpoint-{cut_short}"), False)
+
+
+def test_a_marked_checkpoint_with_a_file_changed_after_marking_is_not_complete(tmp_path):
+    (tmp_path / ARGS_FILE).write_text("{}")
+    path = _make_checkpoint(tmp_path, 10)
+    (path / "model.safetensors").write_bytes(b"x" * 100)
+    mark_complete(path, 10, world_size=1)
+    assert is_complete_checkpoint(path) and last_complete_checkpoint(str(tmp_path)) == str(path)
+    (path / "model.safetensors").write_bytes(b"x" * 50)  # a process still writing, or a copy cut short
+    assert not is_complete_checkpoint(path) and last_complete_checkpoint(str(tmp_path)) is None
+    (path / "model.safetensors").unlink()
+    assert not is_complete_checkpoint(path)
+
+
+def test_a_plain_trainer_checkpoint_outside_a_clmlab_run_needs_no_marker(tmp_path):
+    path = _make_checkpoint(tmp_path, 10, marked=False)  # no run_args.json beside it: another tool's Trainer run
+    assert is_complete_checkpoint(path)
+    (tmp_path / ARGS_FILE).write_text("{}")
+    assert not is_complete_checkpoint(path)
+
+
+def test_rotation_keeps_the_newest_complete_and_the_best_checkpoints_and_skips_unmarked_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.checkpoints import CompleteCheckpointsCallback
+
+    (tmp_path / ARGS_FILE).write_text("{}")
+    for step in (10, 20, 30, 40):
+        _make_checkpoint(tmp_path, step)
+    _make_checkpoint(tmp_path, 50, marked=False)  # a save in progress or cut short: not rotation's to judge
+    args = SimpleNamespace(save_total_limit=2)
+    rotation = CompleteCheckpointsCallback(args)
+    assert args.save_total_limit is None  # the Trainer's own rotation, which runs before other processes finish, is off
+    rotation.rotate(tmp_path, best=str(tmp_path / "checkpoint-10"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-30", "checkpoint-40", "checkpoint-50"]
+    CompleteCheckpointsCallback(SimpleNamespace(save_total_limit=1)).rotate(tmp_path, best=None)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-50"]
 
 
 def test_same_run_finished_is_left_alone(tmp_path):
