@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_config=(QUICKSTART, DATA_OR_MODEL))
     if data_args.streaming and args.max_steps <= 0 and not args.max_train_tokens:
         raise UsageError("--streaming has no length to count epochs by; give --max_steps or --max_train_tokens")
-    if (evals.sample_prompts or evals.benchmark) and (args.fsdp or args.deepspeed):
+    if (evals.sample_prompts or evals.benchmark) and args.shards_the_model:
         raise UsageError("--sample_prompts and --benchmark run the model outside the Trainer's step, which FSDP and DeepSpeed "
                          "shard; drop them and score the checkpoints with run_eval.py")
     config = modeling.build_config(model_args)

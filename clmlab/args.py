@@ -260,10 +260,27 @@ class RunTrainingArguments(TrainingArguments):
         metadata={"help": "Sequences per optimizer step, whatever the number of processes: gradient accumulation is derived "
                   "from it, the world size and --per_device_train_batch_size, so 1 GPU and 8 GPUs train on the same batches."},
     )
+    # GPT-2 uses every parameter at every step (LoRA adapters too): the search for unused ones would only cost
+    # an extra walk over the autograd graph each step, and DDP warns about it.
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: look for parameters a step did not use."})
+
+    @property
+    def shards_the_model(self) -> bool:
+        """FSDP or DeepSpeed, asked for by a flag or by an accelerate config (which says so only in the
+        environment it launches the script in)."""
+        launched = any(os.environ.get(name, "").lower() in ("true", "1") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+        return bool(self.fsdp or self.deepspeed) or launched
 
     def __post_init__(self):
         self.check_ranges()
+        import importlib.util
+
         import torch
+
+        asked = self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1")
+        if asked and importlib.util.find_spec("deepspeed") is None:  # else TrainingArguments fails deep in a version check
+            raise UsageError("DeepSpeed was asked for (--deepspeed or an accelerate config) and is not installed: "
+                             "pip install -e '.[deepspeed]', or launch with configs/accelerate/ddp_bf16.yaml or fsdp2.yaml")
 
         if not torch.cuda.is_available():
             if self.dataloader_pin_memory:

@@ -358,6 +358,9 @@ def check_controls(runs: Sequence[Run]) -> list[Control]:
     controls.append(_same("tokens seen", {r.name: _dig(r.info, "tokens_seen") for r in runs}))
     controls.append(_same("tokens per step (global batch)", {r.name: _dig(r.info, "budget", "tokens_per_step") for r in runs}))
     controls.append(_same("block size", {r.name: _dig(r.info, "data", "block_size") for r in runs}))
+    precisions = {r.name: _dig(r.info, "launch", "mixed_precision") for r in runs}
+    if any(v is not _MISSING for v in precisions.values()):  # recorded since launch configs could set it unseen
+        controls.append(_same("mixed precision", precisions))
     schedules = {r.name: training_arguments(r.info) for r in runs}
     for run in runs:  # the steps the run was set to take: --max_steps is -1 where --max_train_tokens set them
         steps = _dig(run.info, "budget", "max_steps")

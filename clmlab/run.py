@@ -202,6 +202,17 @@ def run_record(resolved: dict, resumed_from: str | None, **sections) -> dict:
             "git": git_commit(), "resumed_from": resumed_from, **sections}
 
 
+def launch_record(trainer) -> dict:
+    """How the run was launched: what a flag does not say when an accelerate config or a scheduler set it (the
+    precision comes from ACCELERATE_MIXED_PRECISION unless --bf16 or --fp16 is given)."""
+    args = trainer.args
+    sharding = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
+    return {"world_size": args.world_size, "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            "device": args.device.type, "mixed_precision": getattr(args, "mixed_precision", "no"),
+            "parallelism": sharding or ("ddp" if args.world_size > 1 else "single process"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
@@ -331,7 +342,7 @@ class TrainingRun:
         exists and record the run as stopped. `record` holds the script's own sections of run_info.json;
         `sequence_length` is the longest training row (for the memory estimate). Returns the final metrics."""
         self._trainer = trainer
-        self._info = run_record(self.resolved, self.resume_from, **record)
+        self._info = run_record(self.resolved, self.resume_from, launch=launch_record(trainer), **record)
         if self._attempts:
             self._info["attempts"] = self._attempts
         trainer.callback_handler.callbacks.insert(0, _AtFirstStep(self._begin_records))
@@ -460,7 +471,7 @@ def warn_if_short_of_memory(trainer, sequence_length: int) -> None:
     args, model = trainer.args, trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     estimate = modeling.training_memory(model.config, args.per_device_train_batch_size, sequence_length,
-                                        modeling.parameter_count(model), trainable, mixed_precision=args.bf16 or args.fp16,
+                                        modeling.parameter_count(model), trainable, mixed_precision=getattr(args, "mixed_precision", "no") != "no",
                                         activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)),
                                         attention_scores=args.device.type != "cuda")
     free = modeling.free_memory(args.device)

@@ -106,6 +106,8 @@ def make_run(root: Path, dataset: str, seed: int, status: str = "finished", **ch
                              "transformers_version": "x", "output_hidden_states": False},
                   "tokenizer_tokens": 8000, "tokenizer_sha256": sha("tokenizer")},
         "budget": {"max_steps": 30, "tokens_per_step": 1024, "max_train_tokens": 30 * 1024},
+        "launch": {"world_size": 1 + seed, "processes_per_node": 1 + seed, "device": "cuda", "mixed_precision": "bf16",
+                   "parallelism": "ddp" if seed else "single process", "slurm_job_id": None},  # N processes train what 1 trains
         "comparison": {"name": "test", "dataset": dataset, "seed": seed},
         "eval_sets": {name: {"source": f"{name}.txt", "blocks": 8, "tokens_predicted": 1016, "bytes": 4000, "sha256": sha(name)}
                       for name in EVAL_SETS}
@@ -192,6 +194,7 @@ def test_report_tables_matrix_null_arm_and_plots(sweep, tmp_path):
     ({"model.initial_weights_sha256": sha("other init")}, "initial weights sha256, seed 1"),
     ({"tokens_seen": 20 * 1024}, "tokens seen: 30720"),
     ({"eval_sets.wiki.sha256": sha("other wiki")}, "eval set wiki sha256"),
+    ({"launch.mixed_precision": "no"}, "mixed precision: bf16"),  # e.g. one run launched without the bf16 accelerate config
     ({"eval_sets.validation.sha256": sha("other split")}, "eval set validation (own split of wiki) sha256"),
     ({"model.tokenizer_sha256": None}, "tokenizer sha256: "),  # an older run: not recorded, so not verified
 ])

@@ -276,6 +276,10 @@ def test_the_ddp_config_trains_on_two_processes_in_bf16(tmp_path):
     args = resolved_training_arguments(bf16)
     assert args.bf16 is False and args.mixed_precision == "bf16"
     assert resolved_training_arguments(fp32).mixed_precision == "no"
+    # The run record says so, where a comparison report checks it.
+    launch = {k: v for k, v in record["launch"].items() if k != "slurm_job_id"}
+    assert launch == {"world_size": 2, "processes_per_node": 2, "device": "cpu", "mixed_precision": "bf16", "parallelism": "ddp"}
+    assert json.loads((fp32 / "run_info.json").read_text())["launch"]["mixed_precision"] == "no"
     # And bf16 autocast really ran on CPU: the same first batch on the same initial weights gives another loss.
     first_bf16, first_fp32 = logged(bf16, "loss")[1], logged(fp32, "loss")[1]
     assert first_bf16 != first_fp32 and abs(first_bf16 - first_fp32) < 1e-2

@@ -362,3 +362,18 @@ def test_a_finished_run_is_not_overwritten(tmp_path, shakespeare):
     assert done.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
     assert "Traceback" not in done.stderr and "max_steps: 2 -> 3" in done.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_samples_are_refused_when_an_accelerate_config_shards_the_model(tmp_path, capsys, monkeypatch, variable):
+    """configs/accelerate/fsdp2.yaml and deepspeed_zero2.yaml say so only in the launched script's environment."""
+    monkeypatch.setenv(variable, "true")
+    out = tmp_path / "never_made"
+    with pytest.raises(SystemExit) as exited:
+        load_run_clm().main(["--sample_prompts", "Once upon a time", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    import importlib.util
+
+    without_deepspeed = variable == "ACCELERATE_USE_DEEPSPEED" and importlib.util.find_spec("deepspeed") is None
+    expected = "pip install -e '.[deepspeed]'" if without_deepspeed else "which FSDP and DeepSpeed shard"
+    assert exited.value.code == 2 and expected in err and "Traceback" not in err and not out.exists()
