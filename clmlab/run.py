@@ -35,7 +35,7 @@ NOT_RUN_DEFINING = {
     "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "local_rank", "logging_first_step",
     "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
     "use_cpu",  # set for DDP over gloo on a machine with no GPU: the same computation on one process or several
-    "comparison", "run_tags", "tracker_project", "dataset_label",
+    "comparison", "run_tags", "tracker_project", "dataset_label", "ddp_find_unused_parameters",
 }
 # Every package whose version can change what a run computes or how its files are read back.
 PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft", "safetensors",
