@@ -6,6 +6,7 @@
     python run_sweep.py FILE --list                                         # the runs, one run_clm.py command each
     python run_sweep.py FILE --prepare_only                                 # tokenize every dataset (a first SLURM job)
     python run_sweep.py FILE --task 3                                       # run 3 only (a SLURM array task)
+    python run_sweep.py FILE --status 3                                     # run 3's status (a SLURM array task's requeue)
     python run_sweep.py FILE --report_only                                  # the report of the runs done so far
 
 Running it again skips finished runs and resumes interrupted ones (run_clm.py resumes from its last
@@ -41,6 +42,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--list", action="store_true", help="Print the runs as run_clm.py commands and stop.")
     parser.add_argument("--prepare_only", action="store_true", help="Prepare every dataset (and the shared tokenizer) and stop.")
     parser.add_argument("--task", type=int, help="Prepare what run N needs and train run N only (0-based; SLURM_ARRAY_TASK_ID).")
+    parser.add_argument("--status", type=int, metavar="N", help="Print run N's status (finished, stopped, failed, running or none) and stop.")
     parser.add_argument("--report_only", action="store_true", help="Write the report from the runs there are; train nothing.")
     parser.add_argument("--force", action="store_true", help="Write the report even where controls differ (run_compare.py --force).")
     return parser.parse_args(argv)
@@ -119,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         for i, run in enumerate(comparison.runs):
             print(f"# {i}: {run.dataset} seed {run.seed}\npython run_clm.py {shlex.join(run.argv)}")
         return 0
-    if options.task is not None and not 0 <= options.task < len(comparison.runs):
-        raise UsageError(f"--task {options.task}: the comparison has runs 0 to {len(comparison.runs) - 1}")
+    for flag, index in (("--task", options.task), ("--status", options.status)):
+        if index is not None and not 0 <= index < len(comparison.runs):
+            raise UsageError(f"{flag} {index}: the comparison has runs 0 to {len(comparison.runs) - 1}")
+    if options.status is not None:
+        print(status(comparison.runs[options.status]) or "none")
+        return 0
     if not options.report_only:
         runs = comparison.runs if options.task is None else [comparison.runs[options.task]]
         # Every run evaluates on every dataset's held-out text: all the datasets are prepared before the first run.
