@@ -184,3 +184,42 @@ def free_memory(device: torch.device) -> int | None:
     except Exception:  # an exotic device or a sandbox that hides memory figures: no warning rather than a crash
         return None
     return None
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+
+# Dense (not sparsity) peak tensor FLOP/s by GPU name fragment and compute dtype, from the vendors' data sheets;
+# the first fragment found in torch.cuda.get_device_name() wins. float32 means TF32 tensor cores where the
+# GPU has them (clmlab turns TF32 matmuls on), plain FP32 where it does not (V100).
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+}
+
+
+def training_flops_per_token(config, sequence_length: int) -> int:
+    """FLOPs of one training token (forward and backward) of a GPT-2: 6 per weight that multiplies (every
+    parameter but the position embeddings, a lookup; the token embeddings count once, as the tied output
+    layer), plus the attention scores and their weighted sum, 12 x layers x width x sequence (PaLM's
+    appendix B; a causal kernel that skips the masked half does less, which MFU conventionally ignores)."""
+    n_embd, n_layer, n_inner = config.n_embd, config.n_layer, getattr(config, "n_inner", None) or 4 * config.n_embd
+    per_layer = 4 * n_embd * n_embd + 2 * n_embd * n_inner  # attention in/out projections, MLP in/out
+    matmul_weights = n_layer * per_layer + config.vocab_size * n_embd
+    return 6 * matmul_weights + 12 * n_layer * n_embd * sequence_length
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The device's peak FLOP/s for `dtype` ("bfloat16", "float16", "float32"), or None where unknown (CPUs,
+    unlisted GPUs): then MFU is not logged unless --peak_tflops says the peak."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in name:
+            return peaks.get(dtype)
+    return None
