@@ -19,7 +19,7 @@ from callbacks import (BenchmarkCallback, CompleteCheckpointsCallback, EvalSetsC
                        PreemptionCallback, PretrainingSamplesCallback, ThroughputCallback, add_log_callbacks)
 from callbacks.benchmarks import load_benchmark
 from callbacks.loss_plot import PLOT_FILE
-from clmlab import data, eval_sets, modeling, prepare, prepared, run, trackers
+from clmlab import data, eval_sets, modeling, optimizers, prepare, prepared, run, trackers
 from clmlab.args import ClmTrainingArguments, DataArguments, InTrainingEvalArguments, ModelArguments, parse_overrides
 from clmlab.cli import UsageError, exits_on_usage_error, parse_args, setup_logging
 from clmlab.generation import DecodingSettings
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      min_vocab_size=prepared.trained_vocab_size(corpus) if corpus else
                                      model_args.tokenizer_vocab_size if trains_tokenizer(model_args) else 0,
                                      vocab_override=int(vocab_override) if vocab_override else None)
-    model = modeling.init_model(config, model_args.model_name_or_path, args.seed)
+    model = modeling.init_model(config, model_args.model_name_or_path, args.seed, model_args.attn_implementation, args.fused_cross_entropy)
     initial_checksum = modeling.weights_checksum(model)
     n_params = modeling.parameter_count(model)
     logger.info(f"model: {n_params:,} parameters, initial weights sha256 {initial_checksum[:16]}...")
@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Train, save, evaluate, record.
     trainer = Trainer(model=model, args=args, train_dataset=lm_data.train, processing_class=tokenizer, data_collator=default_data_collator,
-                      eval_dataset={name: s.blocks for name, s in sets.items()} if len(sets) > 1 else lm_data.validation)
+                      eval_dataset={name: s.blocks for name, s in sets.items()} if len(sets) > 1 else lm_data.validation,
+                      optimizer_cls_and_kwargs=optimizers.trainer_optimizer(args))  # None: the Trainer's own
     add_log_callbacks(trainer, EvalSetsCallback({name: s.identity for name, s in sets.items()}, own, named=len(sets) > 1),
                       *([BenchmarkCallback(benchmarks, tokenizer, args.per_device_eval_batch_size)] if benchmarks else []),
-                      ThroughputCallback(), PerplexityCallback())
+                      ThroughputCallback(sequence_length=block_size), PerplexityCallback())
     trainer.add_callback(LossPlotCallback(f"{dataset} - GPT-2 {n_params / 1e6:.2f}M params"))
     out = Path(args.output_dir)
     if evals.sample_prompts:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "model": {"parameters": n_params, "initial_weights_sha256": initial_checksum, "config": config.to_dict(),
                           "tokenizer_tokens": len(tokenizer), "tokenizer_sha256": prepared.tokenizer_sha256(tokenizer)},
                 "comparison": {"name": args.comparison, "dataset": dataset, "seed": args.seed},
+                "optimizer": optimizers.optimizer_record(model, args),
                 "eval_sets": {name: s.record() for name, s in sets.items()}, "benchmarks": {b.name: b.record() for b in benchmarks},
                 "budget": {"max_steps": args.max_steps, "tokens_per_step": step_tokens,
                            "max_train_tokens": args.max_steps * step_tokens if args.max_steps > 0 else None}},

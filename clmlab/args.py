@@ -18,6 +18,9 @@ from clmlab.cli import UsageError, require
 from clmlab.sft.formats import FORMATS
 
 TEXT_DOCUMENT_MODES = ("auto", "separator", "paragraph", "line", "file")
+# Batch-loading processes on a GPU: reading and collating the next batches then overlaps the step. The blocks are
+# memory-mapped and cheap to read, so two suffice, and leave the other cores to the main process.
+DEFAULT_GPU_DATALOADER_WORKERS = 2
 logger = logging.getLogger(__name__)
 
 
@@ -53,8 +56,17 @@ class ModelArguments:
     tokenizer_vocab_size: int = field(
         default=8192, metadata={"help": "Vocabulary size of the BPE tokenizer trained when no tokenizer is given."}
     )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: 'sdpa' (torch's scaled_dot_product_attention, which picks a flash or memory-efficient "
+                  "kernel on a GPU), 'eager' (transformers' matmul-softmax-matmul), or 'flash_attention_2' (the flash-attn package, "
+                  "CUDA only)."},
+    )
 
     def __post_init__(self):
+        from clmlab.modeling import check_attention_implementation
+
+        check_attention_implementation(self.attn_implementation)
         require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size", self.tokenizer_vocab_size,
                 "a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
         overrides = parse_overrides(self.config_overrides)
@@ -263,6 +275,22 @@ class RunTrainingArguments(TrainingArguments):
     # GPT-2 uses every parameter at every step (LoRA adapters too): the search for unused ones would only cost
     # an extra walk over the autograd graph each step, and DDP warns about it.
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: look for parameters a step did not use."})
+    # The GPU fast path, on by default where it is safe; unset means "decide for this machine" (resolve_defaults).
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (autocast; fp32 weights and optimizer). Unset: on where the GPU supports bf16, "
+                  "unless --fp16 is given or an accelerate launch sets the precision; off on CPU (faster there only on CPUs "
+                  "with bf16 matrix units, e.g. AMX: --bf16 true)."},
+    )
+    tf32: bool | None = field(
+        default=None,
+        metadata={"help": "TF32 tensor cores for float32 matmuls (Ampere GPUs and later). Unset: on where the GPU has them."},
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes loading batches. Unset: 2 on a GPU (0 for a streamed dataset, whose order would depend "
+                  "on the number of workers), 0 on CPU, where workers compete with training for the cores."},
+    )
 
     @property
     def shards_the_model(self) -> bool:
@@ -272,6 +300,7 @@ class RunTrainingArguments(TrainingArguments):
         return bool(self.fsdp or self.deepspeed) or launched
 
     def __post_init__(self):
+        self.resolve_defaults()
         self.check_ranges()
         import importlib.util
 
@@ -292,6 +321,30 @@ class RunTrainingArguments(TrainingArguments):
                 logger.info("several ranks and no GPU: use_cpu on, for DDP over gloo")
                 self.use_cpu = True
         super().__post_init__()
+
+    def resolve_defaults(self) -> None:
+        """The fast path's unset flags, decided for this machine before anything acts on them; the resolved
+        arguments (run_args.json) then record what ran."""
+        import torch
+
+        gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.bf16 is None:
+            # An accelerate launch puts its config's precision ('no' without one) in ACCELERATE_MIXED_PRECISION, which
+            # TrainingArguments reads unless --bf16 or --fp16 overrides it: the launcher's choice stands.
+            self.bf16 = gpu and not self.fp16 and "ACCELERATE_MIXED_PRECISION" not in os.environ and torch.cuda.is_bf16_supported()
+            if self.bf16:
+                logger.info("bf16 mixed precision on (this GPU supports it; --bf16 false turns it off)")
+        elif self.bf16 and not self.use_cpu:
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            if not is_torch_bf16_gpu_available():  # TrainingArguments refuses bf16 here unless told to train on the CPU
+                logger.info("--bf16 with no GPU that has it: bf16 autocast on the CPU (use_cpu on)")
+                self.use_cpu = True
+        if self.tf32 is None and gpu and torch.cuda.get_device_capability()[0] >= 8:
+            self.tf32 = True  # TrainingArguments then sets torch.backends.fp32_precision = "tf32"
+        self.default_dataloader_workers = self.dataloader_num_workers is None
+        if self.default_dataloader_workers:
+            self.dataloader_num_workers = DEFAULT_GPU_DATALOADER_WORKERS if gpu else 0
 
     def check_ranges(self) -> None:
         """Every training flag that has a range, checked before TrainingArguments acts on any of them."""
@@ -341,11 +394,44 @@ class ClmTrainingArguments(RunTrainingArguments):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    fused_cross_entropy: bool = field(
+        default=False,
+        metadata={"help": "Compute the training loss from the last hidden states and the output layer in chunks (liger-kernel's "
+                  "fused linear cross-entropy; CUDA GPU), never holding the batch x sequence x vocabulary logits."},
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "Peak dense TFLOP/s of one device for the logged MFU. Unset: clmlab's table for the GPU and the compute "
+                  "dtype; no MFU where the peak is unknown (CPUs)."},
+    )
     comparison: str | None = field(
         default=None, metadata={"help": "The comparison this run belongs to: the tracker's group, and the report's title."}
     )
     run_tags: list[str] | None = field(default=None, metadata={"help": "Tags for the tracker (wandb).", "nargs": "+"})
     tracker_project: str = field(default="clmlab", metadata={"help": "The tracker's project (wandb; WANDB_PROJECT wins if set)."})
+    # Not --optim muon: TrainingArguments turns --optim into its OptimizerNames enum, and --optim still names the
+    # AdamW that trains the other parameters.
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={"help": "Optimizer of the transformer blocks' weight matrices: 'adamw' (--optim trains every parameter) or 'muon' "
+                  "(torch.optim.Muon; --optim's AdamW trains the embeddings, output layer, biases and norms).", "choices": ["adamw", "muon"]},
+    )
+    muon_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Muon's peak learning rate, on the same schedule as --learning_rate. Unset: --learning_rate (with the "
+                  "default --muon_lr_adjustment, Muon's update has the size of AdamW's, so AdamW's rate carries over)."},
+    )
+    muon_momentum: float | None = field(default=None, metadata={"help": "Muon's momentum. Unset: 0.95."})
+    muon_nesterov: bool | None = field(default=None, metadata={"help": "Nesterov momentum in Muon. Unset: true."})
+    muon_weight_decay: float | None = field(
+        default=None, metadata={"help": "Muon's decoupled weight decay (each step shrinks the matrices by lr x decay). Unset: --weight_decay."}
+    )
+    muon_lr_adjustment: str | None = field(
+        default=None,
+        metadata={"help": "How Muon scales its update by each matrix's shape: 'match_rms_adamw' (unset; Moonshot's 0.2 x sqrt(max(out, in)), "
+                  "AdamW's update size) or 'original' (Keller Jordan's sqrt(max(1, out / in)); wants --muon_learning_rate about 0.02).",
+                  "choices": ["match_rms_adamw", "original"]},
+    )
 
     def check_ranges(self) -> None:
         super().check_ranges()
@@ -353,6 +439,43 @@ class ClmTrainingArguments(RunTrainingArguments):
             require(self.max_train_tokens >= 1, "max_train_tokens", self.max_train_tokens, "must be a positive number of tokens")
             if self.max_steps > 0:
                 raise UsageError("give --max_steps or --max_train_tokens, not both")
+        require(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0), "peak_tflops",
+                self.peak_tflops, "must be a positive number of TFLOP/s")
+        if self.fused_cross_entropy:
+            from clmlab.modeling import check_fused_cross_entropy
+
+            check_fused_cross_entropy()
+            if self.label_smoothing_factor:
+                raise UsageError("--fused_cross_entropy computes the plain loss inside the model, and --label_smoothing_factor has the "
+                                 "Trainer compute its own from the logits: drop one of them")
+        self.check_matrix_optimizer()
+
+    def check_matrix_optimizer(self) -> None:
+        from clmlab.optimizers import ADAMW_OPTIMS, MUON_FLAGS
+
+        if self.matrix_optimizer != "muon":
+            given = [flag for flag in MUON_FLAGS if getattr(self, flag) is not None]
+            if given:
+                raise UsageError(f"--{given[0]} is a setting of Muon: add --matrix_optimizer muon, or drop it")
+            return
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):
+            raise UsageError(f"--matrix_optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks: install a torch that has it")
+        optim = getattr(self.optim, "value", self.optim)
+        if optim not in ADAMW_OPTIMS:
+            raise UsageError(f"--matrix_optimizer muon gives the parameters beside Muon's to AdamW, and --optim {optim} is not AdamW: "
+                             f"give --optim {' or '.join(ADAMW_OPTIMS)}")
+        if self.shards_the_model:
+            raise UsageError("--matrix_optimizer muon orthogonalises each weight matrix whole, and FSDP and DeepSpeed split them between "
+                             "processes: train with DDP (e.g. configs/accelerate/ddp_bf16.yaml), or with --matrix_optimizer adamw")
+        lr, momentum, decay = self.muon_learning_rate, self.muon_momentum, self.muon_weight_decay
+        require(lr is None or (math.isfinite(lr) and lr > 0), "muon_learning_rate", lr, "must be positive and finite")
+        require(momentum is None or 0 <= momentum < 1, "muon_momentum", momentum, "must be at least 0 and below 1")
+        require(decay is None or (math.isfinite(decay) and decay >= 0), "muon_weight_decay", decay, "must be 0 or more, and finite")
+        if self.muon_lr_adjustment == "original" and lr is None:
+            raise UsageError("--muon_lr_adjustment original wants a learning rate far above AdamW's: give --muon_learning_rate "
+                             "(about 0.02 in Keller Jordan's runs)")
 
 
 

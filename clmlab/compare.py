@@ -44,7 +44,8 @@ CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "architectures",
 SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
                  "adam_epsilon", "max_grad_norm", "optim", "max_steps")
 # Checked only where some run records them: newer or older TrainingArguments may not have them.
-SCHEDULE_KEYS_IF_RECORDED = ("warmup_ratio", "lr_scheduler_kwargs", "optim_args")
+SCHEDULE_KEYS_IF_RECORDED = ("warmup_ratio", "lr_scheduler_kwargs", "optim_args", "matrix_optimizer", "muon_learning_rate",
+                             "muon_momentum", "muon_weight_decay", "muon_lr_adjustment")
 
 EVAL_SET_MEASURES = ("loss", "bpb", "perplexity")
 BENCHMARK_MEASURES = ("acc", "acc_norm", "acc_centered", "gold_logprob", "gold_bpb", "gold_prob")

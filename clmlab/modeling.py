@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,13 +104,118 @@ def fit_config_to_tokenizer(config, tokenizer, from_scratch: bool, min_vocab_siz
         )
 
 
-def init_model(config, model_name_or_path: str | None, seed: int):
+def init_model(config, model_name_or_path: str | None, seed: int, attn_implementation: str | None = None,
+               fused_cross_entropy: bool = False):
     """Weights depend on the seed and the config alone: seeded right here, before any data is read, so runs
-    that differ only in their data start from bit-identical weights."""
-    if model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, config=config)
-    set_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    that differ only in their data start from bit-identical weights. `attn_implementation` is the attention
+    kernel (None: transformers' default, SDPA for GPT-2); it does not change the weights."""
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        if model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, config=config, **kernel)
+        else:
+            set_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **kernel)
+    except (ImportError, ValueError) as error:
+        if not attn_implementation or not any(word in str(error).lower() for word in ("attn", "attention")):
+            raise
+        # transformers refuses a kernel the architecture lacks (ValueError) or whose package is missing (ImportError)
+        raise UsageError(f"--attn_implementation {attn_implementation}: {first_line(error)}") from None
+    set_loss_type(model)
+    if fused_cross_entropy:
+        use_fused_cross_entropy(model)
+    return model
+
+
+def set_loss_type(model) -> None:
+    """Name the loss a causal LM computes. GPT2LMHeadModel's class name matches no entry of transformers'
+    LOSS_MAPPING, so its `loss_type` is None and every forward pass with labels logs a warning (once): a call
+    that breaks the graph under torch.compile. The loss function it falls back to is the same ForCausalLMLoss.
+    Named, the Trainer also counts the tokens a step averages its loss over as that loss does, over the shifted
+    labels (`Trainer._loss_shifts_labels`); unnamed it counts one label per row too many, and the logged
+    training loss was (block - 1) / block of the mean loss per predicted token."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+# The attention kernels transformers' GPT-2 takes (GPT2PreTrainedModel: _supports_sdpa, _supports_flash_attn);
+# it refuses flex_attention. flash_attention_3 (the flash-attn-3 package) needs a Hopper GPU, and transformers
+# names it too; the list holds what a user of GPT-2 is likely to have.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_attention_implementation(name: str) -> None:
+    """Refuse, before any data is read, an attention kernel GPT-2 does not take or this machine cannot run."""
+    import importlib.util
+
+    if name == "flex_attention":
+        raise UsageError("--attn_implementation flex_attention: transformers' GPT-2 does not support flex attention; "
+                         "use sdpa (the default), eager or flash_attention_2")
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise UsageError(f"--attn_implementation {name!r} is not an attention kernel GPT-2 takes; choose one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    package = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}.get(name)
+    if package is None:
+        return
+    if importlib.util.find_spec(package[0]) is None:
+        raise UsageError(f"--attn_implementation {name} needs the {package[1]} package, which is not installed "
+                         f"(pip install {package[1]} --no-build-isolation, on a machine with a CUDA GPU); or use sdpa, the default")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--attn_implementation {name} runs on a CUDA GPU only, and this machine has none; use sdpa, the default")
+
+
+def check_fused_cross_entropy() -> None:
+    """liger-kernel's loss is Triton code: it needs the package and a CUDA GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UsageError("--fused_cross_entropy needs liger-kernel, which is not installed: pip install -e '.[liger]' "
+                         "(on a machine with a CUDA GPU), or drop the flag")
+    if not torch.cuda.is_available():
+        raise UsageError("--fused_cross_entropy runs liger-kernel's Triton kernels, which need a CUDA GPU, and this machine "
+                         "has none; drop the flag")
+
+
+def use_fused_cross_entropy(model) -> None:
+    """Training forward passes with labels compute the loss straight from the last hidden states and the output
+    layer's weight, a chunk of tokens at a time (liger-kernel's LigerFusedLinearCrossEntropyLoss, which also
+    makes the gradients in the same pass), so the batch x sequence x vocabulary logits are never held whole;
+    the output carries no logits. Evaluation, generation and calls without labels run the model's own forward.
+
+    Written here rather than through liger's own patching: liger has no GPT-2 entry (Trainer's
+    --use_liger_kernel leaves GPT-2 unchanged), and replacing the forward of this one instance leaves the class,
+    and so the saved checkpoint, plain GPT2LMHeadModel. The loss is transformers' ForCausalLMLoss computed
+    differently: labels shifted by padding the last position with the ignore index, summed and divided by
+    the Trainer's `num_items_in_batch` when it passes one, else averaged over the predicted tokens."""
+    import functools
+
+    import torch.nn.functional as F
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    loss_sum = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+    plain_forward = model.forward
+
+    @functools.wraps(plain_forward)  # the Trainer reads the signature: its columns, and **kwargs for num_items_in_batch
+    def forward(*args, labels=None, **kwargs):
+        if not model.training or labels is None or args or kwargs.get("logits_to_keep") or kwargs.get("return_dict") is False:
+            return plain_forward(*args, labels=labels, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        outputs = model.transformer(**kwargs)  # what GPT2LMHeadModel.forward runs before its output layer
+        hidden = outputs.last_hidden_state
+        targets = F.pad(labels, (0, 1), value=-100)[..., 1:]  # position t predicts token t + 1, as ForCausalLMLoss shifts
+        total = loss_sum(model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device))
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = total / (count.to(total.device) if torch.is_tensor(count) else count)
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                                 cross_attentions=outputs.cross_attentions)
+
+    model.forward = forward
+    model.fused_cross_entropy = True
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -186,6 +292,39 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------- speed
+
+
+def peak_dtype(mixed_precision: str, device: torch.device) -> str | None:
+    """The dtype a training step's matrix multiplies run in, as PEAK_FLOPS names it: the autocast dtype under
+    bf16/fp16 mixed precision (TrainingArguments.mixed_precision: --bf16, --fp16 or ACCELERATE_MIXED_PRECISION),
+    else float32, which the table's GPUs from Ampere on reach only with TF32 matmuls; None for fp32 without TF32
+    on such a GPU, whose peak the table does not hold."""
+    if mixed_precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[mixed_precision]
+    if mixed_precision not in ("no", None, ""):
+        return None  # fp8: no peak in the table
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8:
+        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9; reading the old flag then raises
+        tf32 = precision == "tf32" if precision is not None else torch.backends.cuda.matmul.allow_tf32
+        return "float32" if tf32 else None
+    return "float32"
+
+
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """The most memory this process has held so far, in bytes, and what the figure measures: on a GPU the
+    most its tensors took at once (torch.cuda.max_memory_allocated, not the allocator's cache); elsewhere the
+    process's peak resident set (getrusage), which also counts the Python interpreter, libraries and data."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024), "max resident set size (getrusage)"  # Linux counts KiB
+
+
 # --------------------------------------------------------------------------------------------------- FLOPs
 
 # Dense (not sparsity) peak tensor FLOP/s by GPU name fragment and compute dtype, from the vendors' data sheets;
@@ -194,9 +333,11 @@ def free_memory(device: torch.device) -> int | None:
 PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
     "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 417e12},
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
     "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "L40": {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12},  # before "L4", which its name contains
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
     "V100": {"float16": 125e12, "float32": 15.7e12},
 }

@@ -36,6 +36,8 @@ NOT_RUN_DEFINING = {
     "save_steps", "save_total_limit", "eval_steps", "logging_steps", "push_to_hub", "hub_model_id", "hub_token",
     "use_cpu",  # set for DDP over gloo on a machine with no GPU: the same computation on one process or several
     "comparison", "run_tags", "tracker_project", "dataset_label", "ddp_find_unused_parameters",
+    # How batches reach the device and how speed is reported: the same batches, the same numbers.
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "peak_tflops",
 }
 # Every package whose version can change what a run computes or how its files are read back.
 PACKAGES = ("clmlab", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft", "safetensors",
@@ -213,6 +215,32 @@ def launch_record(trainer) -> dict:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
+def speed_record(trainer) -> dict:
+    """run_info.json's "speed": the figures of the callback that measures them (one with a `speed_record()`,
+    callbacks.ThroughputCallback), and the kernels the model ran with."""
+    model, args = trainer.model, trainer.args
+    figures = next((c.speed_record() for c in trainer.callback_handler.callbacks if hasattr(c, "speed_record")), None) or {}
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None) if args.device.type == "cuda" else None
+    return {**figures, "device_name": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
+            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "fused_cross_entropy": bool(getattr(model, "fused_cross_entropy", False)), "torch_compile": bool(args.torch_compile),
+            "tf32_matmuls": precision == "tf32" if precision is not None else None,
+            "dataloader_num_workers": args.dataloader_num_workers, "dataloader_pin_memory": bool(args.dataloader_pin_memory)}
+
+
+def describe_speed(speed: dict) -> str | None:
+    """The end-of-run summary's speed line."""
+    if not speed.get("tokens_per_second"):
+        return None
+    parts = [f"{speed['tokens_per_second']:,.0f} tokens/s over {speed['step_seconds']:,.1f} s of training steps"]
+    if speed.get("mfu") is not None:
+        parts.append(f"MFU {100 * speed['mfu']:.1f}%")
+    if speed.get("peak_memory_bytes"):
+        where = "GPU memory" if speed["peak_memory_measure"].startswith("torch.cuda") else "resident memory"
+        parts.append(f"peak {where} {modeling.size(speed['peak_memory_bytes'])}")
+    return "Speed: " + ", ".join(parts)
+
+
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
@@ -357,6 +385,10 @@ class TrainingRun:
             trainer.add_callback(_AtFirstStep(lambda: trainer._load_rng_state(self.resume_from), at="step_begin"))
         if self.is_local_main:
             warn_if_short_of_memory(trainer, sequence_length)
+        if getattr(self.args, "default_dataloader_workers", False) and isinstance(trainer.train_dataset, torch.utils.data.IterableDataset):
+            # Each worker reads its own shards of a stream: the batches' order would depend on how many there are.
+            self.args.dataloader_num_workers = 0
+            self.resolved.get(type(self.args).__name__, {})["dataloader_num_workers"] = 0  # what run_args.json records
 
         saved = read_json(Path(self.resume_from) / "trainer_state.json") if self.resume_from else None
         own = saved and Path(self.resume_from).resolve().parent == self.out.resolve()
@@ -381,14 +413,16 @@ class TrainingRun:
         metrics = {**metrics, **(final_evaluation(trainer) if trainer.eval_dataset is not None else {})}
         trainer.save_state()
         evals = {e["step"]: e["eval_loss"] for e in state.log_history if "eval_loss" in e}
-        self._record(status="finished", final_metrics=metrics, eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"))
+        speed = speed_record(trainer)
+        self._record(status="finished", final_metrics=metrics, eval_loss_before=evals.get(0), eval_loss_after=metrics.get("eval_loss"),
+                     speed=speed)
         if self.is_main:
             summary = f"\nFinished {state.global_step:,} steps, {state.num_input_tokens_seen:,} tokens"
             if "eval_loss" in metrics:
                 start = f"{evals[0]:.4f} at the start, " if 0 in evals else ""
                 summary += f": eval loss {start}{metrics['eval_loss']:.4f} at the end (perplexity {math.exp(min(metrics['eval_loss'], 50)):.2f})"
             print(summary + ".")
-            for line in [*report, f"Run record: {self.out / INFO_FILE}"]:
+            for line in filter(None, [describe_speed(speed), *report, f"Run record: {self.out / INFO_FILE}"]):
                 print(line)
         return metrics
 
@@ -403,7 +437,7 @@ class TrainingRun:
             trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
         stopped = self.stop.record()
         self._record(status="stopped", stopped={"step": step, "max_steps": trainer.state.max_steps, **stopped,
-                                                "checkpoint": str(checkpoint)})
+                                                "checkpoint": str(checkpoint)}, speed=speed_record(trainer))
         if self.is_main:
             print(f"\nStopped at step {step:,} of {trainer.state.max_steps:,} ({stopped['reason']}): checkpoint {checkpoint}. "
                   "Run the same command again to continue.")

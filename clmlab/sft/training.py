@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, set_seed
 
 from clmlab.cli import UsageError, first_line
-from clmlab.modeling import context_length
+from clmlab.modeling import context_length, set_loss_type
 from clmlab.sft.encoding import IGNORE_INDEX
 from clmlab.templates import PromptStyle
 
@@ -101,6 +101,7 @@ def load_model(model_dir: str, tokenizer, style: PromptStyle, seed: int):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     except Exception as error:  # offline, not found, not a causal LM
         raise UsageError(f"could not load a causal LM from {model_dir!r}: {first_line(error)}") from None
+    set_loss_type(model)  # as in pretraining: no graph break under --torch_compile, the loss averaged over predicted tokens
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         set_seed(seed)  # new rows are drawn around the mean of the old ones: seeded, so runs repeat
         model.resize_token_embeddings(len(tokenizer))
