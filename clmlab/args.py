@@ -24,6 +24,50 @@ DEFAULT_GPU_DATALOADER_WORKERS = 2
 logger = logging.getLogger(__name__)
 
 
+# --------------------------------------------------------------------------------------------------- kernels
+
+# The attention kernels transformers' GPT-2 takes (GPT2PreTrainedModel: _supports_sdpa, _supports_flash_attn);
+# it refuses flex_attention. flash_attention_3 (the flash-attn-3 package) needs a Hopper GPU, and transformers
+# names it too; the list holds what a user of GPT-2 is likely to have.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_attention_implementation(name: str) -> None:
+    """Refuse, before any data is read, an attention kernel GPT-2 does not take or this machine cannot run."""
+    import importlib.util
+
+    if name == "flex_attention":
+        raise UsageError("--attn_implementation flex_attention: transformers' GPT-2 does not support flex attention; "
+                         "use sdpa (the default), eager or flash_attention_2")
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise UsageError(f"--attn_implementation {name!r} is not an attention kernel GPT-2 takes; choose one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    package = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}.get(name)
+    if package is None:
+        return
+    if importlib.util.find_spec(package[0]) is None:
+        raise UsageError(f"--attn_implementation {name} needs the {package[1]} package, which is not installed "
+                         f"(pip install {package[1]} --no-build-isolation, on a machine with a CUDA GPU); or use sdpa, the default")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--attn_implementation {name} runs on a CUDA GPU only, and this machine has none; use sdpa, the default")
+
+
+def check_fused_cross_entropy() -> None:
+    """liger-kernel's loss is Triton code: it needs the package and a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UsageError("--fused_cross_entropy needs liger-kernel, which is not installed: pip install -e '.[liger]' "
+                         "(on a machine with a CUDA GPU), or drop the flag")
+    if not torch.cuda.is_available():
+        raise UsageError("--fused_cross_entropy runs liger-kernel's Triton kernels, which need a CUDA GPU, and this machine "
+                         "has none; drop the flag")
+
+
 def parse_overrides(overrides: str | None) -> dict[str, str]:
     """"key=value,..." as a mapping; the keys are checked against the model's config where it is built."""
     parsed = {}
@@ -64,8 +108,6 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        from clmlab.modeling import check_attention_implementation
-
         check_attention_implementation(self.attn_implementation)
         require(self.tokenizer_vocab_size >= 257, "tokenizer_vocab_size", self.tokenizer_vocab_size,
                 "a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
@@ -442,8 +484,6 @@ class ClmTrainingArguments(RunTrainingArguments):
         require(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0), "peak_tflops",
                 self.peak_tflops, "must be a positive number of TFLOP/s")
         if self.fused_cross_entropy:
-            from clmlab.modeling import check_fused_cross_entropy
-
             check_fused_cross_entropy()
             if self.label_smoothing_factor:
                 raise UsageError("--fused_cross_entropy computes the plain loss inside the model, and --label_smoothing_factor has the "

@@ -140,44 +140,6 @@ def set_loss_type(model) -> None:
 
 # --------------------------------------------------------------------------------------------------- kernels
 
-# The attention kernels transformers' GPT-2 takes (GPT2PreTrainedModel: _supports_sdpa, _supports_flash_attn);
-# it refuses flex_attention. flash_attention_3 (the flash-attn-3 package) needs a Hopper GPU, and transformers
-# names it too; the list holds what a user of GPT-2 is likely to have.
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-
-
-def check_attention_implementation(name: str) -> None:
-    """Refuse, before any data is read, an attention kernel GPT-2 does not take or this machine cannot run."""
-    import importlib.util
-
-    if name == "flex_attention":
-        raise UsageError("--attn_implementation flex_attention: transformers' GPT-2 does not support flex attention; "
-                         "use sdpa (the default), eager or flash_attention_2")
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise UsageError(f"--attn_implementation {name!r} is not an attention kernel GPT-2 takes; choose one of "
-                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    package = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}.get(name)
-    if package is None:
-        return
-    if importlib.util.find_spec(package[0]) is None:
-        raise UsageError(f"--attn_implementation {name} needs the {package[1]} package, which is not installed "
-                         f"(pip install {package[1]} --no-build-isolation, on a machine with a CUDA GPU); or use sdpa, the default")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--attn_implementation {name} runs on a CUDA GPU only, and this machine has none; use sdpa, the default")
-
-
-def check_fused_cross_entropy() -> None:
-    """liger-kernel's loss is Triton code: it needs the package and a CUDA GPU."""
-    import importlib.util
-
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise UsageError("--fused_cross_entropy needs liger-kernel, which is not installed: pip install -e '.[liger]' "
-                         "(on a machine with a CUDA GPU), or drop the flag")
-    if not torch.cuda.is_available():
-        raise UsageError("--fused_cross_entropy runs liger-kernel's Triton kernels, which need a CUDA GPU, and this machine "
-                         "has none; drop the flag")
-
-
 def use_fused_cross_entropy(model) -> None:
     """Training forward passes with labels compute the loss straight from the last hidden states and the output
     layer's weight, a chunk of tokens at a time (liger-kernel's LigerFusedLinearCrossEntropyLoss, which also
