@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from conftest import shared
+from conftest import logged, shared
 from test_lifecycle import CLM_TINY, load_script
 
 TINY = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 128, "n_positions": 32, "bos_token_id": 0, "eos_token_id": 0,
@@ -99,6 +99,54 @@ def test_a_cpu_run_logs_memory_and_tokens_per_second_but_no_mfu_and_records_its_
     assert speed["dataloader_num_workers"] == 0 and speed["dataloader_pin_memory"] is False  # the CPU defaults
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Speed: ")]
     assert len(printed) == 1 and "tokens/s" in printed[0] and "MFU" not in printed[0] and "peak resident memory" in printed[0]
+
+
+@pytest.mark.e2e
+def test_a_run_trains_exactly_what_a_bare_pytorch_loop_trains_over_its_blocks(tmp_path):
+    """The harness adds nothing to the arithmetic of a step. Over the blocks run_clm.py feeds it, in its order, a bare
+    loop with the defaults the README documents (fused AdamW, betas (0.9, 0.95), weight decay 0.1 on the matrices
+    only, cosine schedule after warmup, clipping at 1.0, the model's own loss: the mean over predicted tokens) logs
+    the loss run_clm.py logs at every step and ends at the weights it saves. (Before GPT-2's loss type was named, the
+    Trainer's losses and gradients were 63/64 of these.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, get_cosine_schedule_with_warmup
+
+    from clmlab import modeling, prepared
+
+    out, steps, seed, batch_size, block = tmp_path / "run", 6, 3, 4, 64
+    load_script("run_clm.py").main([
+        "--train_files", str(shared("tinyshakespeare/input.txt")), "--output_dir", str(out), "--prepare_to", str(tmp_path / "prepared"),
+        "--config_overrides", f"n_embd=32,n_layer=2,n_head=2,n_positions={block},resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
+        "--block_size", str(block), "--per_device_train_batch_size", str(batch_size), "--tokenizer_vocab_size", "512",
+        "--max_steps", str(steps), "--warmup_steps", "2", "--logging_steps", "1", "--eval_on_start", "false", "--eval_strategy", "no",
+        "--max_eval_samples", "4", "--seed", str(seed), "--disable_tqdm", "true"])
+
+    model = modeling.init_model(AutoConfig.from_pretrained(out), None, seed)
+    assert modeling.weights_checksum(model) == json.loads((out / "run_info.json").read_text())["model"]["initial_weights_sha256"]
+    blocks = prepared.load_prepared(tmp_path / "prepared", block, seed, batch_size, steps, 4).train
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    others = [p for p in model.parameters() if p.ndim < 2]  # GPT-2's biases and LayerNorm weights: the Trainer's no-decay set
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                                  lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 2, steps)
+    losses = {}
+    model.train()
+    for step, batch in enumerate(torch.utils.data.DataLoader(blocks, batch_size=batch_size), start=1):
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[step] = loss.item()
+
+    run_losses = logged(out, "loss")
+    assert sorted(run_losses) == list(range(1, steps + 1))
+    assert [run_losses[s] for s in losses] == pytest.approx(list(losses.values()), rel=1e-5)
+    saved = load_file(out / "model.safetensors")
+    for name, weight in model.state_dict().items():
+        if name in saved:  # the tied output layer is saved once, as the embeddings
+            torch.testing.assert_close(saved[name], weight, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.e2e
