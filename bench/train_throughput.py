@@ -4,6 +4,8 @@
     python bench/train_throughput.py                          # GPT-2 n_embd 128, 4 layers, block 128, batch 8, GPT-2's vocabulary
     python bench/train_throughput.py --vocab 8192             # the same with a byte-level BPE of 8,192 tokens
     python bench/train_throughput.py --tiny                   # seconds: does the script work
+    python bench/train_throughput.py --shape n_embd=768,n_layer=12,n_head=12 --block_size 1024 --batch_size 16 --torch_compile
+                                                              # GPT-2 124M on a GPU, compiled (bf16 by default there)
 
 Three ways of training the same model on the same text file, one after the other in this process, each with the
 same config and initial weights (seeded), batch, optimizer (fused AdamW, the same learning rate, schedule, betas,
@@ -327,6 +329,7 @@ def bare_loop(s: Setting) -> dict:
         if s.tf32:
             enable_tf32(True)
         model.train()
+        forward = torch.compile(model, backend=args.compile_backend) if args.torch_compile else model  # as the Trainer compiles it
         # Weight decay on the matrices only: for GPT-2 the 1-D parameters are exactly the biases and LayerNorm
         # weights that the Trainer's get_decay_parameter_names leaves out.
         groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -344,7 +347,7 @@ def bare_loop(s: Setting) -> dict:
         for step in range(1, s.total + 1):
             batch = next(batches).to(s.device, non_blocking=True)
             with s.autocast():
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = forward(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -393,6 +396,7 @@ def hf_example(s: Setting) -> dict:
             per_device_eval_batch_size=args.batch_size, max_steps=s.total, learning_rate=args.learning_rate,
             lr_scheduler_type="cosine", warmup_steps=s.lr_warmup, weight_decay=args.weight_decay, adam_beta2=0.95,
             max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, seed=args.seed, bf16=s.bf16,
+            torch_compile=args.torch_compile, torch_compile_backend=args.compile_backend if args.torch_compile else None,
             tf32=s.tf32 if s.device.type == "cuda" else None, use_cpu=s.use_cpu, report_to="none", disable_tqdm=True)
         trainer = Trainer(model=model, args=training_args, train_dataset=lm_datasets["train"], processing_class=tokenizer,
                           eval_dataset=lm_datasets["validation"].select(range(min(args.eval_samples, len(lm_datasets["validation"])))),
@@ -416,7 +420,8 @@ def clmlab_run(s: Setting) -> dict:
             "--seed", str(args.seed), "--bf16", str(s.bf16).lower(), "--eval_on_start", "false", "--eval_strategy", "no",
             "--max_eval_samples", str(args.eval_samples), "--validation_split_percentage", str(HELD_OUT_PERCENT),
             "--preprocessing_num_workers", str(args.num_proc or 1), "--report_to", "none", "--disable_tqdm", "true",
-            *(["--tf32", str(s.tf32).lower()] if s.device.type == "cuda" else []), *(["--use_cpu", "true"] if s.use_cpu else [])]
+            *(["--tf32", str(s.tf32).lower()] if s.device.type == "cuda" else []), *(["--use_cpu", "true"] if s.use_cpu else []),
+            *(["--torch_compile", "true", "--torch_compile_backend", args.compile_backend] if args.torch_compile else [])]
     with MemoryPeak(s.device) as memory:
         times = StepTimes(s.device, args.warmup, s.total, memory)
 
@@ -490,6 +495,9 @@ def parse_args() -> argparse.Namespace:
                              f"size trained by clmlab on --data (default {DEFAULTS['vocab']}; {TINY['vocab']} with --tiny).")
     parser.add_argument("--data", default=None, help=f"A text file (default: tinyshakespeare from {DATA.name}/).")
     parser.add_argument("--num_proc", type=int, default=None, help="Tokenizing processes (datasets' num_proc; clmlab's workers). Default: one.")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="torch.compile the model in all three (the Trainer's --torch_compile; compilation falls in the untimed warmup).")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile's backend (default inductor).")
     parser.add_argument("--learning_rate", type=float, default=6e-4)
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -555,7 +563,7 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
             # Other work on the machine slows whichever pipeline it overlaps: how many cores it took, on average, while this ran.
             "other_processes_cores": other_cores(before, after),
-            "dtype": args.dtype, "tf32": setting.tf32,
+            "dtype": args.dtype, "tf32": setting.tf32, "torch_compile": args.compile_backend if args.torch_compile else None,
             "model": {"shape": setting.shape, "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
                       "vocab_size": config.vocab_size, "parameters": setting.parameters},
             "tokenizer": "gpt2" if args.vocab == "gpt2" else f"byte-level BPE of {args.vocab} trained by clmlab on the data",

@@ -24,6 +24,7 @@ def test_the_tiny_benchmark_reports_three_pipelines_that_trained_the_same_model(
             "peak_memory_kind", "measures", "pipelines", "ratios"} <= report.keys()
     assert {"torch", "transformers"} <= report["versions"].keys()
     assert report["dtype"] in ("float32", "bfloat16")
+    assert report["torch_compile"] is None  # compiled only with --torch_compile
     model = report["model"]
     assert model["parameters"] > 0 and model["vocab_size"] >= 512 and model["n_layer"] >= 1
     block, steps, warmup = report["block_size"], report["steps"], report["warmup"]
