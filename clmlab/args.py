@@ -320,7 +320,7 @@ class RunTrainingArguments(TrainingArguments):
     # The GPU fast path, on by default where it is safe; unset means "decide for this machine" (resolve_defaults).
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision (autocast; fp32 weights and optimizer). Unset: on where the GPU supports bf16, "
+        metadata={"help": "bf16 mixed precision (autocast; fp32 weights and optimizer). Unset: on where the GPU has native bf16 (Ampere on), "
                   "unless --fp16 is given or an accelerate launch sets the precision; off on CPU (faster there only on CPUs "
                   "with bf16 matrix units, e.g. AMX: --bf16 true)."},
     )
@@ -373,15 +373,18 @@ class RunTrainingArguments(TrainingArguments):
         if self.bf16 is None:
             # An accelerate launch puts its config's precision ('no' without one) in ACCELERATE_MIXED_PRECISION, which
             # TrainingArguments reads unless --bf16 or --fp16 overrides it: the launcher's choice stands.
-            self.bf16 = gpu and not self.fp16 and "ACCELERATE_MIXED_PRECISION" not in os.environ and torch.cuda.is_bf16_supported()
+            # Native bf16 only (Ampere on): torch would emulate it on a V100, slower than float32 there.
+            self.bf16 = (gpu and not self.fp16 and "ACCELERATE_MIXED_PRECISION" not in os.environ
+                         and torch.cuda.is_bf16_supported(including_emulation=False))
             if self.bf16:
                 logger.info("bf16 mixed precision on (this GPU supports it; --bf16 false turns it off)")
         elif self.bf16 and not self.use_cpu:
-            from transformers.utils import is_torch_bf16_gpu_available
-
-            if not is_torch_bf16_gpu_available():  # TrainingArguments refuses bf16 here unless told to train on the CPU
-                logger.info("--bf16 with no GPU that has it: bf16 autocast on the CPU (use_cpu on)")
+            if not torch.cuda.is_available():  # TrainingArguments refuses bf16 here unless told to train on the CPU
+                logger.info("--bf16 with no GPU: bf16 autocast on the CPU (use_cpu on)")
                 self.use_cpu = True
+            elif not torch.cuda.is_bf16_supported():  # never quietly move a GPU machine's run to its CPU
+                raise UsageError(f"--bf16 true: this GPU ({torch.cuda.get_device_name()}) does not support bf16; "
+                                 "use --fp16 true, or --bf16 false for float32")
         if self.tf32 is None and gpu and torch.cuda.get_device_capability()[0] >= 8:
             self.tf32 = True  # TrainingArguments then sets torch.backends.fp32_precision = "tf32"
         self.default_dataloader_workers = self.dataloader_num_workers is None

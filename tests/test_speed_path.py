@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 
+from clmlab.cli import UsageError
 from conftest import logged, shared
 from test_lifecycle import CLM_TINY, load_script
 
@@ -285,6 +286,24 @@ def test_the_gpu_defaults_are_decided_for_the_machine(tmp_path, monkeypatch):
     assert decided(use_cpu=True) == (False, None, 0)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # an accelerate launch decided the precision
     assert decided()[0] is False
+
+    # A V100: bf16 only emulated, so not by default; asked for on a GPU that has none at all, one line (the run is never
+    # moved quietly to the CPU).
+    with pytest.MonkeyPatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+        gpu.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))
+        gpu.delenv("ACCELERATE_MIXED_PRECISION")
+        fresh = copy.copy(args)
+        fresh.bf16, fresh.fp16, fresh.tf32, fresh.dataloader_num_workers, fresh.use_cpu = None, False, None, None, False
+        fresh.resolve_defaults()
+        assert (fresh.bf16, fresh.tf32) == (False, None)
+        gpu.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+        gpu.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla P100-PCIE-16GB")
+        fresh.bf16 = True
+        with pytest.raises(UsageError, match=r"this GPU \(Tesla P100-PCIE-16GB\) does not support bf16"):
+            fresh.resolve_defaults()
+        assert not fresh.use_cpu
 
 
 # --------------------------------------------------------------------------------------------------- fused cross-entropy
