@@ -43,9 +43,10 @@ CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "architectures",
                        "_commit_hash"}
 SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
                  "adam_epsilon", "max_grad_norm", "optim", "max_steps")
-# Checked only where some run records them: newer or older TrainingArguments may not have them.
+# Checked only where some run records them: newer or older TrainingArguments may not have them, nor runs from
+# before --matrix_optimizer. Muon's flags are clmlab.args.MUON_FLAGS (not imported: the report needs no transformers).
 SCHEDULE_KEYS_IF_RECORDED = ("warmup_ratio", "lr_scheduler_kwargs", "optim_args", "matrix_optimizer", "muon_learning_rate",
-                             "muon_momentum", "muon_weight_decay", "muon_lr_adjustment")
+                             "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_lr_adjustment")
 
 EVAL_SET_MEASURES = ("loss", "bpb", "perplexity")
 BENCHMARK_MEASURES = ("acc", "acc_norm", "acc_centered", "gold_logprob", "gold_bpb", "gold_prob")

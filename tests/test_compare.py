@@ -197,6 +197,8 @@ def test_report_tables_matrix_null_arm_and_plots(sweep, tmp_path):
     ({"launch.mixed_precision": "no"}, "mixed precision: bf16"),  # e.g. one run launched without the bf16 accelerate config
     ({"eval_sets.validation.sha256": sha("other split")}, "eval set validation (own split of wiki) sha256"),
     ({"model.tokenizer_sha256": None}, "tokenizer sha256: "),  # an older run: not recorded, so not verified
+    ({"arguments.ClmTrainingArguments.matrix_optimizer": "muon"}, "schedule matrix_optimizer"),
+    ({"arguments.ClmTrainingArguments.muon_nesterov": False}, "schedule muon_nesterov"),
 ])
 def test_a_difference_in_a_control_is_named_and_refused(tmp_path, capsys, change, named):
     for seed in (0, 1):
@@ -209,6 +211,12 @@ def test_a_difference_in_a_control_is_named_and_refused(tmp_path, capsys, change
     if change == {"model.tokenizer_sha256": None}:
         assert "not recorded (wiki-s1)" in stderr
     assert not (tmp_path / "sweep" / "report.md").exists()  # nothing written
+
+
+def test_every_optimizer_flag_of_clmlab_is_a_control():
+    from clmlab.args import MUON_FLAGS
+
+    assert {"matrix_optimizer", *MUON_FLAGS} <= set(compare.SCHEDULE_KEYS_IF_RECORDED)
 
 
 def test_script_refuses_then_forced_writes_the_differences_first(tmp_path):
