@@ -21,6 +21,10 @@ TEXT_DOCUMENT_MODES = ("auto", "separator", "paragraph", "line", "file")
 # Batch-loading processes on a GPU: reading and collating the next batches then overlaps the step. The blocks are
 # memory-mapped and cheap to read, so two suffice, and leave the other cores to the main process.
 DEFAULT_GPU_DATALOADER_WORKERS = 2
+# The Trainer's --optim values that build torch.optim.AdamW: the only ones the parameters beside Muon's are given to.
+ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+# Muon's flags (clmlab.args.ClmTrainingArguments), unset unless --matrix_optimizer muon.
+MUON_FLAGS = ("muon_learning_rate", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_lr_adjustment")
 logger = logging.getLogger(__name__)
 
 
@@ -494,8 +498,6 @@ class ClmTrainingArguments(RunTrainingArguments):
         self.check_matrix_optimizer()
 
     def check_matrix_optimizer(self) -> None:
-        from clmlab.optimizers import ADAMW_OPTIMS, MUON_FLAGS
-
         if self.matrix_optimizer != "muon":
             given = [flag for flag in MUON_FLAGS if getattr(self, flag) is not None]
             if given:

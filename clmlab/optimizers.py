@@ -12,12 +12,9 @@ from torch import nn
 from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
+from clmlab.args import ADAMW_OPTIMS
 from clmlab.cli import UsageError
 
-# The Trainer's --optim values that build torch.optim.AdamW: the only ones the parameters beside Muon's are given to.
-ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
-# Muon's flags (clmlab.args.ClmTrainingArguments), unset unless --matrix_optimizer muon.
-MUON_FLAGS = ("muon_learning_rate", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_lr_adjustment")
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
